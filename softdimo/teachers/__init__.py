@@ -1,0 +1,1 @@
+"""Teacher adapters: each masked-diffusion teacher behind the protocol in ``protocol.py``."""

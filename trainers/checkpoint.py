@@ -1,0 +1,140 @@
+"""Checkpoints: a directory per step, written atomically, loaded without unpickling anything.
+
+Layout of ``<output_dir>/checkpoints/step_00000300/``:
+- ``generator.safetensors``, ``ema.safetensors``, ``auxiliary.safetensors``, ``discriminator.safetensors``
+- ``optim.safetensors`` + ``optim.json``: optimizer and scheduler states (tensors / everything else)
+- ``rng.safetensors``: the run's generator state and torch's global RNG state
+- ``meta.json``: step, images seen, config hash, the resolved config, the world it ran on
+
+The directory is written under a temporary name and renamed, so a crash never leaves a half
+checkpoint behind; ``latest_checkpoint`` only considers directories that contain ``meta.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainers.state import TrainState
+
+META = "meta.json"
+PREFIX = "step_"
+
+
+def _flatten_optimizer(name: str, sd: dict, tensors: dict) -> dict:
+    """Split an optimizer state dict into tensors (into ``tensors``) and a JSON-able rest."""
+    state_meta = {}
+    for idx, entry in sd["state"].items():
+        state_meta[str(idx)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{name}/{idx}/{key}"] = value.detach().contiguous().cpu()
+                state_meta[str(idx)][key] = {"tensor": True}
+            else:
+                state_meta[str(idx)][key] = {"value": value}
+    return {"state": state_meta, "param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(name: str, meta: dict, tensors: dict) -> dict:
+    state = {}
+    for idx, entry in meta["state"].items():
+        state[int(idx)] = {key: (tensors[f"{name}/{idx}/{key}"] if spec.get("tensor") else spec["value"])
+                           for key, spec in entry.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(st: TrainState, output_dir: str | Path, meta: dict, keep: int = 2) -> Path:
+    """Write step ``st.step`` atomically; prune to the newest ``keep`` checkpoints."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{st.step:08d}"
+    tmp = root / f".tmp_{PREFIX}{st.step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, module in st.modules().items():
+        sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(sd, str(tmp / f"{name}.safetensors"))
+    tensors, optim_meta = {}, {"optimizers": {}, "schedulers": {}}
+    for name, opt in st.optimizers.items():
+        optim_meta["optimizers"][name] = _flatten_optimizer(name, opt.state_dict(), tensors)
+    for name, sched in st.schedulers.items():
+        sd = sched.state_dict()
+        sd.pop("lr_lambdas", None)   # the warm-up lambda is rebuilt from the config
+        optim_meta["schedulers"][name] = sd
+    save_file(tensors, str(tmp / "optim.safetensors"))
+    (tmp / "optim.json").write_text(json.dumps(optim_meta))
+    rng = {"run": st.rng.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng.safetensors"))
+    full_meta = dict(meta, step=st.step, images_seen=st.images_seen)
+    (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
+def load_weights(path: str | Path, name: str, device: torch.device | str = "cpu") -> dict:
+    """One module's state dict from ``<path>/<name>.safetensors`` (no pickle)."""
+    file = Path(path) / f"{name}.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: not a softdimo checkpoint directory")
+    return load_file(str(file), device=str(device))
+
+
+def load_checkpoint(st: TrainState, path: str | Path) -> dict:
+    """Restore every part of ``st`` from a checkpoint directory; returns its meta."""
+    path = Path(path)
+    meta = read_meta(path)
+    device = next(st.generator.parameters()).device
+    for name, module in st.modules().items():
+        module.load_state_dict(load_weights(path, name, device), strict=True)
+    tensors = load_file(str(path / "optim.safetensors"), device=str(device))
+    optim_meta = json.loads((path / "optim.json").read_text())
+    for name, opt in st.optimizers.items():
+        opt.load_state_dict(_unflatten_optimizer(name, optim_meta["optimizers"][name], tensors))
+    for name, sched in st.schedulers.items():
+        sd = dict(optim_meta["schedulers"][name])
+        sd["lr_lambdas"] = [None] * len(sched.lr_lambdas)
+        sched.load_state_dict(sd)
+    rng = load_file(str(path / "rng.safetensors"))
+    st.rng.set_state(rng["run"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    st.step = int(meta["step"])
+    st.images_seen = int(meta["images_seen"])
+    return meta
+
+
+def load_generator(teacher, path: str | Path, device: torch.device | str = "cpu",
+                   name: str = "ema") -> torch.nn.Module:
+    """The one-step generator of a checkpoint (EMA weights by default), in eval mode."""
+    net = teacher.make_student().to(device)
+    net.load_state_dict(load_weights(path, name, device), strict=True)
+    return net.eval().requires_grad_(False)

@@ -1,0 +1,202 @@
+"""The typed training configuration (OmegaConf structured dataclasses) and its value checks.
+
+One schema for every teacher and every ablation: the sweeps vary these keys and nothing else. Type
+and unknown-key errors come from OmegaConf; ``check_values`` adds the range checks. Both are turned
+into one-line messages naming the file and the key by ``orchestrator.config``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+TEACHER_KINDS = ("world_c2i", "world_t2i")
+WORLD_SPECS = ("full", "test")
+EMBEDDING_KINDS = ("soft", "gumbel_st")
+DIVERGENCES = ("fkl", "rkl", "jeffreys")
+MASK_SCHEDULES = ("arccos", "cosine", "linear")
+REWARD_NAMES = ("clip", "quality")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclass
+class WorldSection:
+    spec: str = "full"                  # which embedded world: "full" (the real one) or "test" (tiny)
+    cache_dir: Optional[str] = None     # default: $SOFTDIMO_CACHE or ~/.cache/softdimo
+
+
+@dataclass
+class TeacherSection:
+    kind: str = "world_c2i"
+
+
+@dataclass
+class TrainSection:
+    steps: int = 300
+    batch_size: int = 32
+    lr_generator: float = 1e-4
+    lr_auxiliary: float = 1e-4
+    lr_discriminator: float = 1e-4
+    warmup_steps: int = 20
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0               # 0: a sample grid at the end only
+    grid_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
+
+
+@dataclass
+class EmbeddingSection:
+    kind: str = "soft"                  # soft: E^T softmax(z/τ) (Eq. 3); gumbel_st: App. H.4
+    temperature: float = 1.0            # τ
+
+
+@dataclass
+class DimoSection:
+    divergence: str = "fkl"
+    beta: float = 0.0                   # Jeffreys mix (1-β)·FKL + β·RKL; may be negative
+    teacher_cfg: float = 2.0            # u + w·(c - u)
+    mask_schedule: str = "arccos"       # forward kernel for the generator loss
+    aux_mask_schedule: str = "arccos"   # forward kernel for the auxiliary loss
+    mask_clamp: Optional[List[float]] = None
+    label_smoothing: float = 0.1
+    soft_input: bool = False            # App. I.15: Di[M]O loss on masked soft embeddings
+
+
+@dataclass
+class GeneratorSection:
+    init_mask_ratio: List[float] = field(default_factory=lambda: [0.6])  # [r] fixed or [a, b] = U[a, b]
+    embed_noise: float = 0.1            # σ of the variance-preserving input-embedding noise
+    temperature: float = 1.0            # sampling temperature of x_θ during training
+
+
+@dataclass
+class GanSection:
+    weight: float = 0.0
+    mask_range: List[float] = field(default_factory=lambda: [0.0, 0.5])
+    start_step: int = 0
+    layers: List[int] = field(default_factory=lambda: [1, -1])  # teacher blocks feeding the heads (-1: last)
+    head_channels: int = 64
+    feature_noise: float = 0.0          # Gaussian noise on teacher features (H.3, MaskGit runs)
+
+
+@dataclass
+class RewardTerm:
+    name: str = "clip"
+    weight: float = 1.0
+
+
+@dataclass
+class RewardSection:
+    weight: float = 0.0
+    terms: List[RewardTerm] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    world: WorldSection = field(default_factory=WorldSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    embedding: EmbeddingSection = field(default_factory=EmbeddingSection)
+    dimo: DimoSection = field(default_factory=DimoSection)
+    generator: GeneratorSection = field(default_factory=GeneratorSection)
+    gan: GanSection = field(default_factory=GanSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+
+
+class ConfigValueError(ValueError):
+    """A value outside its allowed range; ``key`` is the dotted path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _choice(key: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigValueError(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigValueError(key, f"must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigValueError(key, f"must be >= 0, got {value}")
+
+
+def _unit_range(key: str, values: List[float], lengths: tuple = (2,)) -> None:
+    if len(values) not in lengths:
+        raise ConfigValueError(key, f"needs {' or '.join(map(str, lengths))} values, got {len(values)}")
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise ConfigValueError(key, f"values must lie in [0, 1], got {list(values)}")
+    if len(values) == 2 and values[0] > values[1]:
+        raise ConfigValueError(key, f"needs a <= b, got [{values[0]}, {values[1]}]")
+
+
+def check_values(cfg: Config) -> None:
+    """Range checks that the type system cannot express; raises ConfigValueError(key, message)."""
+    _choice("world.spec", cfg.world.spec, WORLD_SPECS)
+    _choice("teacher.kind", cfg.teacher.kind, TEACHER_KINDS)
+    t = cfg.train
+    for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "grid_size"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("lr_generator", "lr_auxiliary", "lr_discriminator", "adam_eps", "grad_clip"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("warmup_steps", "weight_decay", "sample_every"):
+        _non_negative(f"train.{key}", getattr(t, key))
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigValueError("train.ema_decay", f"must lie in [0, 1), got {t.ema_decay}")
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _choice("train.device", t.device, DEVICES)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("embedding.kind", cfg.embedding.kind, EMBEDDING_KINDS)
+    _positive("embedding.temperature", cfg.embedding.temperature)
+    d = cfg.dimo
+    _choice("dimo.divergence", d.divergence, DIVERGENCES)
+    _choice("dimo.mask_schedule", d.mask_schedule, MASK_SCHEDULES)
+    _choice("dimo.aux_mask_schedule", d.aux_mask_schedule, MASK_SCHEDULES)
+    _non_negative("dimo.teacher_cfg", d.teacher_cfg)
+    if d.mask_clamp is not None:
+        _unit_range("dimo.mask_clamp", d.mask_clamp)
+    if not 0.0 <= d.label_smoothing < 1.0:
+        raise ConfigValueError("dimo.label_smoothing", f"must lie in [0, 1), got {d.label_smoothing}")
+    g = cfg.generator
+    _unit_range("generator.init_mask_ratio", g.init_mask_ratio, lengths=(1, 2))
+    if not 0.0 <= g.embed_noise < 1.0:
+        raise ConfigValueError("generator.embed_noise", f"must lie in [0, 1), got {g.embed_noise}")
+    _positive("generator.temperature", g.temperature)
+    _non_negative("gan.weight", cfg.gan.weight)
+    _unit_range("gan.mask_range", cfg.gan.mask_range)
+    _non_negative("gan.start_step", cfg.gan.start_step)
+    _non_negative("gan.feature_noise", cfg.gan.feature_noise)
+    _positive("gan.head_channels", cfg.gan.head_channels)
+    if not 1 <= len(cfg.gan.layers) <= 4:
+        raise ConfigValueError("gan.layers", f"needs 1 to 4 teacher layers, got {len(cfg.gan.layers)}")
+    _non_negative("reward.weight", cfg.reward.weight)
+    for i, term in enumerate(cfg.reward.terms):
+        _choice(f"reward.terms.{i}.name", term.name, REWARD_NAMES)
+        _non_negative(f"reward.terms.{i}.weight", term.weight)
+    if cfg.reward.weight > 0 and not cfg.reward.terms:
+        raise ConfigValueError("reward.terms", "reward.weight > 0 needs at least one term")
+
+
+def config_hash(resolved: dict) -> str:
+    """A short content hash of a resolved config (plain dict), recorded in every checkpoint."""
+    text = json.dumps(resolved, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

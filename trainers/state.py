@@ -1,0 +1,142 @@
+"""Training state: what is frozen (teacher φ, tokenizer, rewards, data) and what learns (θ, EMA, ψ, η).
+
+``build_context`` loads the frozen world for a config; ``build_state`` creates the trainable networks
+from the teacher (θ and ψ are copies of φ with the embedding layer frozen), their optimizers with
+Table 5's betas (discriminator β1 = 0) and a warm-up-then-constant learning-rate schedule.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from softdimo.teachers.protocol import Teacher
+from trainers.config import Config, ConfigValueError
+from trainers.discriminator import DiscriminatorHeads
+
+RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+
+
+@dataclass
+class DataSource:
+    """Real tokens with their conditions (the data set D_d, and D_c through its conditions)."""
+
+    tokens: torch.Tensor            # [N, L] long
+    labels: torch.Tensor            # [N] long (class ids; -1 for text-to-image)
+    captions: list                  # N strings (class names for class-to-image)
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """-> (tokens [B, L], labels [B], prompts) drawn uniformly with replacement."""
+        idx = torch.randint(0, self.tokens.shape[0], (batch,), generator=generator,
+                            device=generator.device)
+        idx_cpu = idx.cpu()
+        prompts = [self.captions[i] for i in idx_cpu.tolist()]
+        return self.tokens[idx_cpu].to(idx.device), self.labels[idx_cpu].to(idx.device), prompts
+
+
+@dataclass
+class TrainContext:
+    """Everything frozen that one training run needs."""
+
+    teacher: Teacher
+    data: DataSource
+    rewards: dict                   # name -> RewardFn (images [B,3,H,W] in [0,1], prompts) -> [B]
+    device: torch.device
+    world: Any = None               # the loaded embedded world (its scorers, reference data)
+
+    @property
+    def world_root(self) -> str:
+        return str(self.world.root) if self.world is not None else ""
+
+    def condition(self, labels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if self.teacher.conditioning == "class":
+            return self.teacher.encode_condition(labels=labels.to(self.device))
+        return self.teacher.encode_condition(prompts=list(prompts)).to(self.device)
+
+
+@dataclass
+class TrainState:
+    generator: nn.Module            # θ
+    ema: nn.Module                  # EMA of θ
+    auxiliary: nn.Module            # ψ
+    heads: DiscriminatorHeads       # η
+    optimizers: dict                # "generator" | "auxiliary" | "discriminator" -> Optimizer
+    schedulers: dict
+    rng: torch.Generator
+    step: int = 0
+    images_seen: int = 0
+    history: list = field(default_factory=list)
+
+    def modules(self) -> dict:
+        return {"generator": self.generator, "ema": self.ema, "auxiliary": self.auxiliary,
+                "discriminator": self.heads}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_context(cfg: Config, progress: bool = True) -> TrainContext:
+    """Load (building if missing) the embedded world and wrap its teacher, data and rewards."""
+    from softdimo.world.store import load_world
+
+    device = resolve_device(cfg.train.device)
+    world = load_world(cfg.world.spec, cfg.world.cache_dir, build_if_missing=True, device=device,
+                       progress=progress)
+    track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
+    teacher = world.teacher(track)
+    wd = world.data(track)
+    data = DataSource(tokens=wd.tokens.to(device), labels=wd.labels.to(device),
+                      captions=list(wd.captions))
+    rewards = {}
+    for term in cfg.reward.terms:
+        if term.name == "clip":
+            rewards["clip"] = world.clip_score
+        elif term.name == "quality":
+            quality = world.quality
+            rewards["quality"] = lambda images, prompts, q=quality: q(images)
+    return TrainContext(teacher=teacher, data=data, rewards=rewards, device=device, world=world)
+
+
+def _warmup(warmup_steps: int) -> Callable[[int], float]:
+    return lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def _optimizer(params, lr: float, betas: tuple, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    kind = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=lr, betas=betas, eps=cfg.train.adam_eps,
+                weight_decay=cfg.train.weight_decay)
+
+
+def build_state(cfg: Config, ctx: TrainContext) -> TrainState:
+    """Fresh θ, EMA, ψ (copies of φ) and η, with optimizers, schedules and the run's RNG."""
+    torch.manual_seed(cfg.seed)   # module initialisation (η) and any global-RNG op are seeded too
+    teacher = ctx.teacher
+    generator = teacher.make_student().to(ctx.device)
+    auxiliary = teacher.make_student().to(ctx.device)
+    ema = copy.deepcopy(generator).requires_grad_(False).eval()
+    depth = teacher.depth
+    if cfg.gan.weight > 0 and any(not -depth <= i < depth for i in cfg.gan.layers):
+        raise ConfigValueError("gan.layers", f"{list(cfg.gan.layers)} out of range for a teacher of "
+                               f"{depth} blocks (use indices in [{-depth}, {depth - 1}])")
+    heads = DiscriminatorHeads(teacher.hidden_width, teacher.seq_len, cfg.gan.layers,
+                               cfg.gan.head_channels).to(ctx.device)
+    t = cfg.train
+    optimizers = {
+        "generator": _optimizer(generator.parameters(), t.lr_generator, (0.9, 0.999), cfg),
+        "auxiliary": _optimizer(auxiliary.parameters(), t.lr_auxiliary, (0.9, 0.999), cfg),
+        "discriminator": _optimizer(heads.parameters(), t.lr_discriminator, (0.0, 0.999), cfg),
+    }
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _warmup(t.warmup_steps))
+                  for name, opt in optimizers.items()}
+    rng = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+    return TrainState(generator=generator, ema=ema, auxiliary=auxiliary, heads=heads,
+                      optimizers=optimizers, schedulers=schedulers, rng=rng)

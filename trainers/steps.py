@@ -1,0 +1,209 @@
+"""The three updates of one Soft-Di[M]O iteration, in Algorithm 1's order.
+
+1. ``generator_step``: Di[M]O surrogate (+ GAN, + reward when their weights are on) on θ.
+2. ``auxiliary_step``: masked cross-entropy of ψ on fresh, re-masked student samples.
+3. ``discriminator_step``: Eq. 7 on real tokens and the generator step's detached soft embeddings,
+   with the same augmentation mask for both.
+
+Each returns a dict of float metrics. A loss whose weight is zero (or whose start step has not come)
+runs no forward pass at all.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from trainers import dimo, gan, masking, reward, soft_embedding
+from trainers.config import Config
+from trainers.diagnostics import mean_entropy, mean_top1
+from trainers.discriminator import discriminate
+from trainers.ema import ema_decay, ema_update_
+from trainers.state import TrainContext, TrainState
+
+
+def autocast(ctx: TrainContext, cfg: Config):
+    """bf16 autocast on GPU (weights stay fp32); plain fp32 on the CPU unless asked otherwise."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if ctx.device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def generator_logits(ctx: TrainContext, net: nn.Module, x_init: torch.Tensor, cond: torch.Tensor,
+                     sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """z_θ = G_θ(x_init, c): frozen input embeddings, VP noise σ, then the backbone. [B, L, V]."""
+    e = masking.embed_noise(ctx.teacher.embed_ids(x_init), sigma, generator)
+    return ctx.teacher.forward_embeddings(net, e, cond)[0]
+
+
+def sample_tokens(z: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """x_θ ~ Categorical(softmax(z/T)) per position, [B, L] (no gradient)."""
+    probs = torch.softmax(z.detach().float() / temperature, dim=-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.reshape(z.shape[:-1])
+
+
+def draw_student(cfg: Config, ctx: TrainContext, net: nn.Module, cond: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Sample x_init ~ p_init and return the student's logits z_θ [B, L, V]."""
+    t = ctx.teacher
+    r_init = masking.draw_init_ratio(cfg.generator.init_mask_ratio, generator)
+    x_init = masking.sample_init(cond.shape[0], t.seq_len, t.V, t.mask_id, r_init, generator,
+                                 device=ctx.device)
+    return generator_logits(ctx, net, x_init, cond, cfg.generator.embed_noise, generator)
+
+
+def _teacher_with_cfg(ctx: TrainContext, e_t: torch.Tensor, cond: torch.Tensor, w: float):
+    t = ctx.teacher
+    if w == 1.0:
+        return t.forward_embeddings(t.backbone, e_t, cond)[0]
+    both = t.forward_embeddings(t.backbone, torch.cat([e_t, e_t]),
+                                torch.cat([cond, t.null_condition(cond.shape[0])]))[0]
+    c, u = both.chunk(2)
+    return dimo.cfg_combine(u, c, w)
+
+
+def _dimo_inputs(cfg: Config, ctx: TrainContext, z: torch.Tensor, g: torch.Generator):
+    """The re-masked intermediate state x̃_t as input embeddings, and its mask [B, L]."""
+    t, d = ctx.teacher, cfg.dimo
+    clamp = tuple(d.mask_clamp) if d.mask_clamp else None
+    if d.soft_input:
+        # App. I.15: masked soft embeddings instead of sampled tokens; no gradient through them.
+        ratio = masking.sample_mask_ratio(z.shape[0], d.mask_schedule, g, clamp, device=z.device)
+        mask = masking.exact_count_mask(ratio, t.seq_len, g)
+        e = t.embed_probs(soft_embedding.soft_probs(z.detach().float(), 1.0))
+        return gan.mask_embeddings(e, mask, t.mask_embedding()), mask
+    x_theta = sample_tokens(z, cfg.generator.temperature, g)
+    x_t, mask = masking.forward_mask(x_theta, d.mask_schedule, t.mask_id, g, clamp)
+    return t.embed_ids(x_t), mask
+
+
+def _masked_kl(l_phi: torch.Tensor, l_psi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean FKL(p_φ ‖ p_ψ) over masked positions: how far ψ (≈ student) is from the teacher."""
+    log_p, log_q = torch.log_softmax(l_phi, -1), torch.log_softmax(l_psi, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl[mask].mean() if mask.any() else kl.new_zeros(())
+
+
+def relaxed(cfg: Config, z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return soft_embedding.relaxed_probs(z.float(), cfg.embedding.kind, cfg.embedding.temperature, g)
+
+
+def generator_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.Tensor,
+                   prompts: list) -> tuple[dict, torch.Tensor]:
+    """One θ update (Algorithm 1, lines 3-18). Returns metrics and the detached relaxed probs."""
+    g, t = st.rng, ctx.teacher
+    use_gan = cfg.gan.weight > 0 and st.step >= cfg.gan.start_step
+    use_reward = cfg.reward.weight > 0
+    st.generator.train()
+    with autocast(ctx, cfg):
+        z = draw_student(cfg, ctx, st.generator, cond, g).float()
+        with torch.no_grad():
+            e_t, mask = _dimo_inputs(cfg, ctx, z, g)
+            l_phi = _teacher_with_cfg(ctx, e_t, cond, cfg.dimo.teacher_cfg)
+            st.auxiliary.eval()
+            l_psi = t.forward_embeddings(st.auxiliary, e_t, cond)[0]
+            grad = dimo.divergence_grad(l_phi.float(), l_psi.float(), cfg.dimo.divergence,
+                                        cfg.dimo.beta)
+            kl = _masked_kl(l_phi.float(), l_psi.float(), mask)
+        loss_dimo = dimo.dimo_surrogate(z, grad, mask)
+        probs = relaxed(cfg, z, g) if (use_gan or use_reward) else None
+        loss_gan = loss_reward = None
+        scores = {}
+        if use_gan:
+            gmask, r = gan.gan_mask(z.shape[0], t.seq_len, cfg.gan.mask_range, g, device=z.device)
+            e_fake = gan.mask_embeddings(t.embed_probs(probs), gmask, t.mask_embedding())
+            d_fake = discriminate(t, st.heads, e_fake, cond, r, cfg.gan.feature_noise, g)
+            loss_gan = gan.generator_gan_loss(d_fake.float())
+        if use_reward:
+            images = t.decode_probs(probs)
+            scores = {term.name: ctx.rewards[term.name](images, prompts).float()
+                      for term in cfg.reward.terms}
+            weights = {term.name: term.weight for term in cfg.reward.terms}
+            loss_reward = reward.reward_loss(scores, weights)
+        loss = reward.total_loss(loss_dimo, loss_gan, loss_reward, cfg.gan.weight, cfg.reward.weight)
+    opt = st.optimizers["generator"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(st.generator.parameters(), cfg.train.grad_clip)
+    opt.step()
+    st.schedulers["generator"].step()
+    ema_update_(st.ema, st.generator, ema_decay(st.step, cfg.train.ema_decay))
+    with torch.no_grad():
+        metrics = {
+            "loss/dimo": loss_dimo.item(), "loss/total": loss.item(),
+            "grad_norm/generator": float(grad_norm),
+            "diag/entropy": float(mean_entropy(z)), "diag/top1": float(mean_top1(z)),
+            "diag/mask_ratio": float(mask.float().mean()),
+            "diag/teacher_aux_kl": float(kl),
+        }
+        if loss_gan is not None:
+            metrics["loss/gan_generator"] = loss_gan.item()
+        if loss_reward is not None:
+            metrics["loss/reward"] = loss_reward.item()
+            metrics.update({f"reward/{k}": float(v.mean()) for k, v in scores.items()})
+    return metrics, (probs.detach() if probs is not None else None)
+
+
+def auxiliary_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.Tensor) -> dict:
+    """One ψ update (lines 19-21): CE on masked positions of fresh student samples."""
+    g, t = st.rng, ctx.teacher
+    clamp = tuple(cfg.dimo.mask_clamp) if cfg.dimo.mask_clamp else None
+    with autocast(ctx, cfg):
+        with torch.no_grad():
+            z = draw_student(cfg, ctx, st.generator, cond, g)
+            x_theta = sample_tokens(z, cfg.generator.temperature, g)
+            x_t, mask = masking.forward_mask(x_theta, cfg.dimo.aux_mask_schedule, t.mask_id, g, clamp)
+        st.auxiliary.train()
+        logits = t.forward_embeddings(st.auxiliary, t.embed_ids(x_t), cond)[0]
+        loss = dimo.aux_loss(logits.float(), x_theta, mask, cfg.dimo.label_smoothing)
+    opt = st.optimizers["auxiliary"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(st.auxiliary.parameters(), cfg.train.grad_clip)
+    opt.step()
+    st.schedulers["auxiliary"].step()
+    return {"loss/auxiliary": loss.item(), "grad_norm/auxiliary": float(grad_norm)}
+
+
+def discriminator_step(cfg: Config, ctx: TrainContext, st: TrainState, real_tokens: torch.Tensor,
+                       cond: torch.Tensor, fake_probs: torch.Tensor) -> dict:
+    """One η update (lines 22-25): real tokens vs detached fakes, one shared augmentation mask."""
+    g, t = st.rng, ctx.teacher
+    mask, r = gan.gan_mask(real_tokens.shape[0], t.seq_len, cfg.gan.mask_range, g,
+                           device=real_tokens.device)
+    m = t.mask_embedding()
+    with autocast(ctx, cfg):
+        e_real = gan.mask_embeddings(t.embed_ids(real_tokens), mask, m)
+        e_fake = gan.mask_embeddings(t.embed_probs(fake_probs), mask, m)
+        logits = discriminate(t, st.heads, torch.cat([e_real, e_fake]), torch.cat([cond, cond]),
+                              torch.cat([r, r]), cfg.gan.feature_noise, g)
+        d_real, d_fake = logits.float().chunk(2)
+        loss = gan.discriminator_loss(d_real, d_fake)
+    opt = st.optimizers["discriminator"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(st.heads.parameters(), cfg.train.grad_clip)
+    opt.step()
+    st.schedulers["discriminator"].step()
+    return {"loss/discriminator": loss.item(), "grad_norm/discriminator": float(grad_norm),
+            "disc/real_logit": d_real.mean().item(), "disc/fake_logit": d_fake.mean().item()}
+
+
+def train_step(cfg: Config, ctx: TrainContext, st: TrainState) -> dict:
+    """One full iteration; real data and its conditions are shared by the θ and η updates (H.3)."""
+    real_tokens, labels, prompts = ctx.data.sample(cfg.train.batch_size, st.rng)
+    cond = ctx.condition(labels, prompts)
+    use_gan = cfg.gan.weight > 0 and st.step >= cfg.gan.start_step
+    metrics, fake_probs = generator_step(cfg, ctx, st, cond, prompts)
+    _, aux_labels, aux_prompts = ctx.data.sample(cfg.train.batch_size, st.rng)
+    metrics.update(auxiliary_step(cfg, ctx, st, ctx.condition(aux_labels, aux_prompts)))
+    if use_gan:
+        metrics.update(discriminator_step(cfg, ctx, st, real_tokens, cond, fake_probs))
+    st.step += 1
+    st.images_seen += cfg.train.batch_size
+    return metrics
