@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from trainers import checkpoint as ckpt
 from trainers.config import Config, config_hash
-from trainers.sampling import grid_conditions, one_step_tokens
+from trainers.diagnostics import decode_mse, mean_entropy, mean_top1
+from trainers.sampling import grid_conditions, one_step_logits, sample_from_logits
 from trainers.state import TrainContext, TrainState, build_context, build_state
 from trainers.steps import train_step
 
@@ -68,22 +69,31 @@ def class_names(ctx: TrainContext) -> list:
     return [names[i] for i in sorted(k for k in names if k >= 0)]
 
 
-def save_grid(cfg: Config, ctx: TrainContext, st: TrainState, output_dir: Path) -> Path:
-    """A grid of one-step EMA samples with fixed conditions and a fixed seed (own RNG)."""
+def save_grid(cfg: Config, ctx: TrainContext, st: TrainState, output_dir: Path) -> tuple[Path, dict]:
+    """A grid of one-step EMA samples with fixed conditions and a fixed seed (own RNG).
+
+    Also returns diagnostics of those samples: entropy, top-1 probability and the mean squared error
+    between images decoded from soft embeddings and from the sampled tokens (App. I.2).
+    """
     from torchvision.utils import save_image
 
     g = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 12345)
     names = class_names(ctx)
     captions = names if ctx.teacher.conditioning == "class" else ctx.data.captions
     cond, _ = grid_conditions(ctx.teacher, cfg.train.grid_size, max(len(names), 1), captions, ctx.device)
-    tokens = one_step_tokens(ctx.teacher, st.ema, cond, g, cfg.generator.init_mask_ratio,
-                             cfg.generator.embed_noise, cfg.generator.temperature)
+    z = one_step_logits(ctx.teacher, st.ema, cond, g, cfg.generator.init_mask_ratio,
+                        cfg.generator.embed_noise)
+    tokens = sample_from_logits(z, g, cfg.generator.temperature)
     with torch.no_grad():
-        images = ctx.teacher.decode_ids(tokens).float().cpu()
+        images = ctx.teacher.decode_ids(tokens).float()
+        soft = ctx.teacher.decode_probs(torch.softmax(z, dim=-1)).float()
+        diagnostics = {"ema/entropy": float(mean_entropy(z)), "ema/top1": float(mean_top1(z)),
+                       "ema/soft_hard_decode_mse": float(decode_mse(soft, images))}
+        images = images.cpu()
     path = output_dir / "samples" / f"grid_step_{st.step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, str(path), nrow=int(math.sqrt(cfg.train.grid_size)) or 8, padding=1)
-    return path
+    return path, diagnostics
 
 
 def _check_finite(metrics: dict, step: int) -> None:
@@ -113,7 +123,7 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
     meta = {"config": resolved, "config_hash": config_hash(resolved), "resume_hash": rhash,
             "world_root": ctx.world_root, "teacher": cfg.teacher.kind}
     t = cfg.train
-    last_ckpt, grid, metrics = latest, None, {}
+    last_ckpt, grid, metrics, diagnostics = latest, None, {}, {}
     bar = tqdm(total=t.steps, initial=st.step, desc="soft-dimo", unit="step", disable=not progress,
                dynamic_ncols=True)
     while st.step < t.steps:
@@ -130,11 +140,13 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(last_ckpt, {"step": st.step, "images_seen": st.images_seen})
         if (t.sample_every and st.step % t.sample_every == 0) or st.step == t.steps:
-            grid = save_grid(cfg, ctx, st, output_dir)
+            grid, diagnostics = save_grid(cfg, ctx, st, output_dir)
+            if hooks.on_metrics:
+                hooks.on_metrics(st.step, diagnostics)
             if hooks.on_grid:
                 hooks.on_grid(grid, st.step)
     bar.close()
     if last_ckpt is None:   # resumed at or past the final step: nothing left to do
         last_ckpt = ckpt.save_checkpoint(st, output_dir, meta, keep=t.keep_checkpoints)
     return TrainResult(output_dir=output_dir, checkpoint=last_ckpt, grid=grid, step=st.step,
-                       metrics=metrics)
+                       metrics={**metrics, **diagnostics})

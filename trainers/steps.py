@@ -20,6 +20,7 @@ from trainers.config import Config
 from trainers.diagnostics import mean_entropy, mean_top1
 from trainers.discriminator import discriminate
 from trainers.ema import ema_decay, ema_update_
+from trainers.sampling import sample_from_logits
 from trainers.state import TrainContext, TrainState
 
 
@@ -38,13 +39,6 @@ def generator_logits(ctx: TrainContext, net: nn.Module, x_init: torch.Tensor, co
     """z_θ = G_θ(x_init, c): frozen input embeddings, VP noise σ, then the backbone. [B, L, V]."""
     e = masking.embed_noise(ctx.teacher.embed_ids(x_init), sigma, generator)
     return ctx.teacher.forward_embeddings(net, e, cond)[0]
-
-
-def sample_tokens(z: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """x_θ ~ Categorical(softmax(z/T)) per position, [B, L] (no gradient)."""
-    probs = torch.softmax(z.detach().float() / temperature, dim=-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return flat.reshape(z.shape[:-1])
 
 
 def draw_student(cfg: Config, ctx: TrainContext, net: nn.Module, cond: torch.Tensor,
@@ -77,7 +71,7 @@ def _dimo_inputs(cfg: Config, ctx: TrainContext, z: torch.Tensor, g: torch.Gener
         mask = masking.exact_count_mask(ratio, t.seq_len, g)
         e = t.embed_probs(soft_embedding.soft_probs(z.detach().float(), 1.0))
         return gan.mask_embeddings(e, mask, t.mask_embedding()), mask
-    x_theta = sample_tokens(z, cfg.generator.temperature, g)
+    x_theta = sample_from_logits(z.detach(), g, cfg.generator.temperature)
     x_t, mask = masking.forward_mask(x_theta, d.mask_schedule, t.mask_id, g, clamp)
     return t.embed_ids(x_t), mask
 
@@ -156,7 +150,7 @@ def auxiliary_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.T
     with autocast(ctx, cfg):
         with torch.no_grad():
             z = draw_student(cfg, ctx, st.generator, cond, g)
-            x_theta = sample_tokens(z, cfg.generator.temperature, g)
+            x_theta = sample_from_logits(z.detach(), g, cfg.generator.temperature)
             x_t, mask = masking.forward_mask(x_theta, cfg.dimo.aux_mask_schedule, t.mask_id, g, clamp)
         st.auxiliary.train()
         logits = t.forward_embeddings(st.auxiliary, t.embed_ids(x_t), cond)[0]

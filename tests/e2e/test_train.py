@@ -91,11 +91,12 @@ def test_zero_weights_cost_no_forward_pass(tmp_path, monkeypatch, c2i_ctx):
     calls = _count_calls(monkeypatch, c2i_ctx)
     result, _ = run(C2I, tmp_path / "off", "train.steps=2", "gan.weight=0", "reward.weight=0",
                     ctx=c2i_ctx)
-    assert calls == {"discriminate": 0, "decode_probs": 0}
+    # The only soft decode is the final sample grid's soft-vs-hard diagnostic, none in the steps.
+    assert calls == {"discriminate": 0, "decode_probs": 1}
     assert "loss/gan_generator" not in result.metrics and "loss/discriminator" not in result.metrics
     # The GAN starts at step 2: one generator-side and one discriminator-side call in step 2 only.
     run(C2I, tmp_path / "late", "train.steps=3", "gan.weight=1", "gan.start_step=2", ctx=c2i_ctx)
-    assert calls["discriminate"] == 2 and calls["decode_probs"] == 0
+    assert calls["discriminate"] == 2 and calls["decode_probs"] == 2
 
 
 def test_t2i_reward_run_logs_rewards(tmp_path, test_world):
@@ -104,9 +105,12 @@ def test_t2i_reward_run_logs_rewards(tmp_path, test_world):
     from trainers.loop import Hooks
 
     train(cfg, to_dict(cfg), hooks=Hooks(on_metrics=lambda step, m: seen.append(m)), progress=False)
-    assert len(seen) == 2
-    assert {"reward/clip", "reward/quality", "loss/reward"} <= set(seen[-1])
-    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in seen)
+    step_metrics = [m for m in seen if "loss/total" in m]
+    assert len(step_metrics) == 2
+    assert {"reward/clip", "reward/quality", "loss/reward"} <= set(step_metrics[-1])
+    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in step_metrics)
+    grid_metrics = [m for m in seen if "ema/soft_hard_decode_mse" in m]
+    assert len(grid_metrics) == 1 and grid_metrics[0]["ema/soft_hard_decode_mse"] >= 0
 
 
 @pytest.mark.parametrize("variant", [
