@@ -41,8 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = args.cache_dir or default_cache_dir()
     root = build_world(WORLD_SPECS[args.spec], cache, force=args.force, progress=not args.quiet)
     manifest = json.loads((root / "manifest.json").read_text())
-    seconds = manifest.get("seconds", {})
-    total = sum(v for v in seconds.values() if isinstance(v, (int, float)))
+    total = manifest.get("total_seconds", 0)
     print(f"world '{args.spec}' ready at {root}" + (f" (built in {total:.0f} s)" if total else ""))
     return 0
 

@@ -79,7 +79,8 @@ def _data_stage(spec: WorldSpec, progress: bool) -> dict[tuple[str, str], WorldD
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         scenes = (c2i_scenes if track == "c2i" else t2i_scenes)(n, seed)
         labels = torch.tensor([s.label for s in scenes], dtype=torch.long)
-        captions = [names[y] for y in labels.tolist()] if track == "c2i" else [s.caption for s in scenes]
+        captions = ([names[y] for y in labels.tolist()] if track == "c2i"
+                    else [s.caption for s in scenes])
         data[track, split] = WorldData(torch.empty(0), render(scenes), labels, captions, scenes)
     return data
 

@@ -29,12 +29,16 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_model_config() -> dict:
-    """The tiny open_clip model_cfg: ViT 32 px / patch 4, text context 32, widths 64, E = 64."""
+    """The tiny open_clip model_cfg: ViT 32 px / patch 4, widths 64, E = 64, text context 16.
+
+    The longest world caption is 13 BPE tokens with SOT/EOT; a short context keeps the t2i
+    teacher's prefix (T = 16 condition tokens) cheap.
+    """
     return {
         "embed_dim": 64,
         "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "head_width": 16,
                        "layers": 3, "mlp_ratio": 4.0},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4,
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4,
                      "layers": 3, "mlp_ratio": 4.0},
     }
 
@@ -162,7 +166,8 @@ def load_clip(directory: str | Path, device: str | torch.device = "cpu") -> torc
     """Load through ``open_clip.create_model("local-dir:...")``, offline; eval mode, frozen."""
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not an open_clip local-dir folder")
+        raise FileNotFoundError(
+            f"no {CONFIG_NAME} in {directory}: not an open_clip local-dir folder")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
     model = open_clip.create_model("local-dir:" + str(directory.resolve()), device=device)

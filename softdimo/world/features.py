@@ -95,4 +95,5 @@ def train_features(images: torch.Tensor, presence: torch.Tensor, counts: torch.T
 
     def mean(v: list[float]) -> float:
         return sum(v[tail]) / len(v[tail])
-    return model, {"loss": mean(losses), "presence_exact": mean(exact), "count_accuracy": mean(count_acc)}
+    return model, {"loss": mean(losses), "presence_exact": mean(exact),
+                   "count_accuracy": mean(count_acc)}

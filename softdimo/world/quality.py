@@ -102,7 +102,8 @@ def degrade(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     blob = ((wide - wide.amin(dim=(2, 3), keepdim=True)) * _uniform((b, 1, 1, 1), 2.0, 5.0,
                                                                    generator))
 
-    variants = (x + strength * (blurred - x), noise, colour, blocky, patch_swap, patch_shuffle, blob)
+    variants = (x + strength * (blurred - x), noise, colour, blocky, patch_swap, patch_shuffle,
+                blob)
     for k, v in enumerate(variants):
         sel = kind == k
         out[sel] = v[sel]

@@ -39,26 +39,26 @@ class WorldSpec:
     c2i_scenes: int = 20_000
     t2i_scenes: int = 30_000
     reference_scenes: int = 2_000           # held-out real images per track (world-FID reference)
-    tokenizer_steps: int = 3000
+    tokenizer_steps: int = 1600
     tokenizer_batch: int = 32
     tokenizer_lr: float = 3e-3
     tokenizer_channels: int = 64
-    clip_steps: int = 700
+    clip_steps: int = 500
     clip_batch: int = 64
     clip_lr: float = 2e-3
     teacher_width: int = 128
     teacher_depth: int = 4
     teacher_heads: int = 4
-    c2i_steps: int = 2000
-    t2i_steps: int = 1600
+    c2i_steps: int = 2400
+    t2i_steps: int = 2400
     teacher_batch: int = 32
     teacher_lr: float = 2e-3
-    quality_steps: int = 300
-    quality_batch: int = 64
+    quality_steps: int = 600
+    quality_batch: int = 32
     quality_lr: float = 2e-3
-    features_steps: int = 300
-    features_batch: int = 64
-    features_lr: float = 2e-3
+    features_steps: int = 800
+    features_batch: int = 32
+    features_lr: float = 3e-3
     encode_batch: int = 1024
 
 
@@ -131,8 +131,9 @@ def load_net(cls: type, stem: Path, device: str | torch.device = "cpu") -> torch
 
 @dataclass
 class WorldData:
-    """One track's split: tokens long [N, L], images uint8 [N, 3, 32, 32], labels long [N] (t2i: -1),
-    captions (c2i: the class prompt of each label), scenes (the specs the images show)."""
+    """One track's split: tokens long [N, L], images uint8 [N, 3, 32, 32], labels long [N]
+    (t2i: -1), captions (c2i: the class prompt of each label), scenes (the specs the images show).
+    """
     tokens: torch.Tensor
     images: torch.Tensor
     labels: torch.Tensor

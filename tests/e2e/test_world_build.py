@@ -43,7 +43,7 @@ def test_loaded_networks_are_frozen_and_teachers_sample_images(test_world):
     ids = c2i.sample(c2i.encode_condition(labels=torch.tensor([0, 5, 17])), 4, 2.0, gen)
     t2i = test_world.teacher("t2i")
     cond = t2i.encode_condition(prompts=["a photo of a red circle", "a photo of two squares"])
-    assert cond.shape == (2, 32, 64)
+    assert cond.shape == (2, 16, 64)
     ids_t = t2i.sample(cond, 4, 2.0, gen)
     for teacher, tokens in ((c2i, ids), (t2i, ids_t)):
         assert tokens.dtype == torch.long and tokens.shape[1] == teacher.seq_len == 64
