@@ -87,6 +87,17 @@ def relaxed(cfg: Config, z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return soft_embedding.relaxed_probs(z.float(), cfg.embedding.kind, cfg.embedding.temperature, g)
 
 
+def _update(st: TrainState, name: str, module: nn.Module, loss: torch.Tensor, clip: float) -> float:
+    """Backward, clip the gradient norm, optimizer and LR-schedule step; returns the norm."""
+    opt = st.optimizers[name]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip)
+    opt.step()
+    st.schedulers[name].step()
+    return float(grad_norm)
+
+
 def generator_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.Tensor,
                    prompts: list) -> tuple[dict, torch.Tensor]:
     """One θ update (Algorithm 1, lines 3-18). Returns metrics and the detached relaxed probs."""
@@ -120,12 +131,7 @@ def generator_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.T
             weights = {term.name: term.weight for term in cfg.reward.terms}
             loss_reward = reward.reward_loss(scores, weights)
         loss = reward.total_loss(loss_dimo, loss_gan, loss_reward, cfg.gan.weight, cfg.reward.weight)
-    opt = st.optimizers["generator"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(st.generator.parameters(), cfg.train.grad_clip)
-    opt.step()
-    st.schedulers["generator"].step()
+    grad_norm = _update(st, "generator", st.generator, loss, cfg.train.grad_clip)
     ema_update_(st.ema, st.generator, ema_decay(st.step, cfg.train.ema_decay))
     with torch.no_grad():
         metrics = {
@@ -155,12 +161,7 @@ def auxiliary_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.T
         st.auxiliary.train()
         logits = t.forward_embeddings(st.auxiliary, t.embed_ids(x_t), cond)[0]
         loss = dimo.aux_loss(logits.float(), x_theta, mask, cfg.dimo.label_smoothing)
-    opt = st.optimizers["auxiliary"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(st.auxiliary.parameters(), cfg.train.grad_clip)
-    opt.step()
-    st.schedulers["auxiliary"].step()
+    grad_norm = _update(st, "auxiliary", st.auxiliary, loss, cfg.train.grad_clip)
     return {"loss/auxiliary": loss.item(), "grad_norm/auxiliary": float(grad_norm)}
 
 
@@ -178,12 +179,7 @@ def discriminator_step(cfg: Config, ctx: TrainContext, st: TrainState, real_toke
                               torch.cat([r, r]), cfg.gan.feature_noise, g)
         d_real, d_fake = logits.float().chunk(2)
         loss = gan.discriminator_loss(d_real, d_fake)
-    opt = st.optimizers["discriminator"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(st.heads.parameters(), cfg.train.grad_clip)
-    opt.step()
-    st.schedulers["discriminator"].step()
+    grad_norm = _update(st, "discriminator", st.heads, loss, cfg.train.grad_clip)
     return {"loss/discriminator": loss.item(), "grad_norm/discriminator": float(grad_norm),
             "disc/real_logit": d_real.mean().item(), "disc/fake_logit": d_fake.mean().item()}
 
