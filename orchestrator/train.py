@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Sequence
 
 from orchestrator.config import UserError, load_config, run_cli, to_dict
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(cfg, resolved, resume=args.resume, progress=not args.quiet)
     except (ResumeError, ConfigValueError) as err:
         raise UserError(f"{args.config}: {err}") from None
+    except FloatingPointError as err:
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
     print(f"checkpoint:  {result.checkpoint}")
     if result.grid:
         print(f"sample grid: {result.grid}")

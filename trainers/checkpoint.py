@@ -3,7 +3,7 @@
 Layout of ``<output_dir>/checkpoints/step_00000300/``:
 - ``generator.safetensors``, ``ema.safetensors``, ``auxiliary.safetensors``, ``discriminator.safetensors``
 - ``optim.safetensors`` + ``optim.json``: optimizer and scheduler states (tensors / everything else)
-- ``rng.safetensors``: the run's generator state and torch's global RNG state
+- ``rng.safetensors``: the run's generator state (one per data-parallel rank) and torch's global RNG
 - ``meta.json``: step, images seen, config hash, the resolved config, the world it ran on
 
 The directory is written under a temporary name and renamed, so a crash never leaves a half
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainers import distributed as dist
 from trainers.state import TrainState
 
 META = "meta.json"
@@ -47,8 +48,22 @@ def _unflatten_optimizer(name: str, meta: dict, tensors: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(st: TrainState, output_dir: str | Path, meta: dict, keep: int = 2) -> Path:
-    """Write step ``st.step`` atomically; prune to the newest ``keep`` checkpoints."""
+def rank_rng_states(st: TrainState) -> list[torch.Tensor]:
+    """Every rank's data/noise generator state (a collective under torch.distributed)."""
+    state = st.rng.get_state()
+    device = next(st.generator.parameters()).device
+    return [s.cpu() for s in dist.gather_tensors(state.to(device))]
+
+
+def save_checkpoint(st: TrainState, output_dir: str | Path, meta: dict, keep: int = 2,
+                    rng_states: list[torch.Tensor] | None = None) -> Path | None:
+    """Write step ``st.step`` atomically; prune to the newest ``keep`` checkpoints.
+
+    Only rank 0 writes (other ranks get None). ``rng_states`` are the per-rank generator states of a
+    data-parallel run, so that every rank resumes its own data stream.
+    """
+    if not dist.is_main():
+        return None
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{st.step:08d}"
@@ -68,6 +83,9 @@ def save_checkpoint(st: TrainState, output_dir: str | Path, meta: dict, keep: in
     save_file(tensors, str(tmp / "optim.safetensors"))
     (tmp / "optim.json").write_text(json.dumps(optim_meta))
     rng = {"run": st.rng.get_state(), "torch": torch.get_rng_state()}
+    for r, state in enumerate(rng_states or []):
+        if r > 0:
+            rng[f"run.rank{r}"] = state
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
@@ -123,7 +141,13 @@ def load_checkpoint(st: TrainState, path: str | Path) -> dict:
         sd["lr_lambdas"] = [None] * len(sched.lr_lambdas)
         sched.load_state_dict(sd)
     rng = load_file(str(path / "rng.safetensors"))
-    st.rng.set_state(rng["run"])
+    r = dist.rank()
+    if r == 0:
+        st.rng.set_state(rng["run"])
+    elif f"run.rank{r}" in rng:
+        st.rng.set_state(rng[f"run.rank{r}"])
+    else:   # resumed with more ranks than were saved: a fresh stream for this rank and step
+        st.rng.manual_seed(dist.rank_seed(int(meta["config"].get("seed", 0))) + int(meta["step"]))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

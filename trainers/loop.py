@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainers import checkpoint as ckpt
+from trainers import distributed as dist
 from trainers.config import Config, config_hash
 from trainers.diagnostics import decode_mse, mean_entropy, mean_top1
 from trainers.sampling import grid_conditions, one_step_logits, sample_from_logits
@@ -34,11 +35,18 @@ class ResumeError(ValueError):
 
 @dataclass
 class Hooks:
-    """Callbacks out of the loop (a tracker plugs in here); all optional."""
+    """Callbacks out of the loop (a tracker or Ray Train plugs in here); all optional.
+
+    ``on_metrics``, ``on_checkpoint`` and ``on_grid`` run on rank 0 only. ``report`` runs on every
+    rank at the same steps (each log step and each checkpoint step) with the rank-averaged metrics
+    and, on rank 0 at checkpoint steps, the checkpoint just written, so it may hold a collective
+    (``ray.train.report`` is one).
+    """
 
     on_metrics: Optional[Callable[[int, dict], None]] = None
     on_checkpoint: Optional[Callable[[Path, dict], None]] = None
     on_grid: Optional[Callable[[Path, int], None]] = None
+    report: Optional[Callable[[int, dict, Optional[Path]], None]] = None
 
 
 @dataclass
@@ -96,57 +104,92 @@ def save_grid(cfg: Config, ctx: TrainContext, st: TrainState, output_dir: Path) 
     return path, diagnostics
 
 
-def _check_finite(metrics: dict, step: int) -> None:
+def _check_finite(metrics: dict, step: int, device: torch.device) -> None:
+    """Raise on every rank at once when any rank saw a non-finite loss (no rank is left waiting)."""
     bad = [k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"non-finite loss at step {step}: {', '.join(bad)} "
+    if dist.any_rank(bool(bad), device):
+        where = ", ".join(bad) if bad else "on another rank"
+        raise FloatingPointError(f"non-finite loss at step {step}: {where} "
                                  "(the last good checkpoint is kept)")
 
 
+def _restore(st: TrainState, path: Path, rhash: str) -> None:
+    meta = ckpt.read_meta(path)
+    if meta.get("resume_hash") != rhash:
+        raise ResumeError(f"{path} was written with a different config; "
+                          "use another output_dir or the same config to resume")
+    ckpt.load_checkpoint(st, path)
+
+
 def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None = None,
-          ctx: TrainContext | None = None, progress: bool = True) -> TrainResult:
-    """Run Soft-Di[M]O for ``cfg.train.steps`` iterations; ``resolved`` is cfg as a plain dict."""
+          ctx: TrainContext | None = None, progress: bool = True,
+          resume_from: Path | None = None) -> TrainResult:
+    """Run Soft-Di[M]O for ``cfg.train.steps`` iterations; ``resolved`` is cfg as a plain dict.
+
+    ``resume`` continues from the newest checkpoint in output_dir, ``resume_from`` from a given
+    checkpoint directory (Ray Train hands one over after a restart). Under ``torch.distributed``
+    every rank calls this; rank 0 alone writes files and calls the rank-0 hooks.
+    """
     hooks = hooks or Hooks()
+    main = dist.is_main()
     output_dir = Path(cfg.output_dir).resolve()
-    ctx = ctx or build_context(cfg, progress=progress)
+    ctx = ctx or build_context(cfg, progress=progress and main)
     st = build_state(cfg, ctx)
     rhash = resume_hash(resolved)
-    latest = ckpt.latest_checkpoint(output_dir) if resume else None
+    latest = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(output_dir) if resume else None)
     if latest is not None:
-        meta = ckpt.read_meta(latest)
-        if meta.get("resume_hash") != rhash:
-            raise ResumeError(f"{latest} was written with a different config; "
-                             "use another output_dir or the same config to resume")
-        ckpt.load_checkpoint(st, latest)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        _restore(st, latest, rhash)
+    for module in st.modules().values():
+        dist.broadcast_module(module)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
     meta = {"config": resolved, "config_hash": config_hash(resolved), "resume_hash": rhash,
-            "world_root": ctx.world_root, "teacher": cfg.teacher.kind}
+            "world_root": ctx.world_root, "teacher": cfg.teacher.kind,
+            "world_size": dist.world_size()}
     t = cfg.train
     last_ckpt, grid, metrics, diagnostics = latest, None, {}, {}
-    bar = tqdm(total=t.steps, initial=st.step, desc="soft-dimo", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=st.step, desc="soft-dimo", unit="step",
+               disable=not (progress and main), dynamic_ncols=True)
     while st.step < t.steps:
-        metrics = train_step(cfg, ctx, st)
+        try:
+            metrics = train_step(cfg, ctx, st)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"step {st.step + 1}: {err}") from None
         metrics["images_seen"] = st.images_seen
-        _check_finite(metrics, st.step)
-        if hooks.on_metrics and (st.step % t.log_every == 0 or st.step == t.steps):
+        _check_finite(metrics, st.step, ctx.device)
+        save_now = st.step % t.checkpoint_every == 0 or st.step == t.steps
+        log_now = st.step % t.log_every == 0 or st.step == t.steps
+        if log_now or save_now:
+            metrics = dist.mean_metrics(metrics, ctx.device)
+        if main and hooks.on_metrics and log_now:
             hooks.on_metrics(st.step, metrics)
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items()
                          if k in ("loss/dimo", "loss/auxiliary", "loss/gan_generator", "loss/reward")})
-        if st.step % t.checkpoint_every == 0 or st.step == t.steps:
-            last_ckpt = ckpt.save_checkpoint(st, output_dir, meta, keep=t.keep_checkpoints)
-            if hooks.on_checkpoint:
-                hooks.on_checkpoint(last_ckpt, {"step": st.step, "images_seen": st.images_seen})
-        if (t.sample_every and st.step % t.sample_every == 0) or st.step == t.steps:
+        saved = None
+        if save_now:
+            saved = ckpt.save_checkpoint(st, output_dir, meta, keep=t.keep_checkpoints,
+                                         rng_states=ckpt.rank_rng_states(st))
+            last_ckpt = saved or last_ckpt
+            if saved is not None and hooks.on_checkpoint:
+                hooks.on_checkpoint(saved, {"step": st.step, "images_seen": st.images_seen})
+        if main and ((t.sample_every and st.step % t.sample_every == 0) or st.step == t.steps):
             grid, diagnostics = save_grid(cfg, ctx, st, output_dir)
             if hooks.on_metrics:
                 hooks.on_metrics(st.step, diagnostics)
             if hooks.on_grid:
                 hooks.on_grid(grid, st.step)
+        if hooks.report and (log_now or save_now):
+            hooks.report(st.step, metrics, saved)
     bar.close()
     if last_ckpt is None:   # resumed at or past the final step: nothing left to do
-        last_ckpt = ckpt.save_checkpoint(st, output_dir, meta, keep=t.keep_checkpoints)
+        last_ckpt = ckpt.save_checkpoint(st, output_dir, meta, keep=t.keep_checkpoints,
+                                         rng_states=ckpt.rank_rng_states(st))
+    final = {**metrics, **diagnostics}
+    if dist.active():
+        final["ddp/world_size"] = float(dist.world_size())
+        final["ddp/max_param_spread"] = dist.max_parameter_spread(
+            [st.generator, st.ema, st.auxiliary, st.heads], ctx.device)
     return TrainResult(output_dir=output_dir, checkpoint=last_ckpt, grid=grid, step=st.step,
-                       metrics={**metrics, **diagnostics})
+                       metrics=final)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from softdimo.teachers.protocol import Teacher
+from trainers import distributed as dist
 from trainers.config import Config, ConfigValueError
 from trainers.discriminator import DiscriminatorHeads
 
@@ -137,6 +138,7 @@ def build_state(cfg: Config, ctx: TrainContext) -> TrainState:
     }
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _warmup(t.warmup_steps))
                   for name, opt in optimizers.items()}
-    rng = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+    # each data-parallel rank draws its own data, masks and noise; rank 0 keeps cfg.seed
+    rng = torch.Generator(device=ctx.device).manual_seed(dist.rank_seed(cfg.seed))
     return TrainState(generator=generator, ema=ema, auxiliary=auxiliary, heads=heads,
                       optimizers=optimizers, schedulers=schedulers, rng=rng)

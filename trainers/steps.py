@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from trainers import dimo, gan, masking, reward, soft_embedding
+from trainers import distributed as dist
 from trainers.config import Config
 from trainers.diagnostics import mean_entropy, mean_top1
 from trainers.discriminator import discriminate
@@ -48,7 +49,13 @@ def draw_student(cfg: Config, ctx: TrainContext, net: nn.Module, cond: torch.Ten
     r_init = masking.draw_init_ratio(cfg.generator.init_mask_ratio, generator)
     x_init = masking.sample_init(cond.shape[0], t.seq_len, t.V, t.mask_id, r_init, generator,
                                  device=ctx.device)
-    return generator_logits(ctx, net, x_init, cond, cfg.generator.embed_noise, generator)
+    z = generator_logits(ctx, net, x_init, cond, cfg.generator.embed_noise, generator)
+    # Diverged weights show here first, and sampling tokens from them would fail with an obscure
+    # error; decided on all ranks at once so that none is left waiting in a collective.
+    if dist.any_rank(not bool(torch.isfinite(z.detach()).all()), z.device):
+        raise FloatingPointError("non-finite generator logits: the weights diverged "
+                                 "(the last good checkpoint is kept)")
+    return z
 
 
 def _teacher_with_cfg(ctx: TrainContext, e_t: torch.Tensor, cond: torch.Tensor, w: float):
@@ -92,6 +99,7 @@ def _update(st: TrainState, name: str, module: nn.Module, loss: torch.Tensor, cl
     opt = st.optimizers[name]
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    dist.average_gradients(module)   # data parallelism: the mean gradient over ranks, as DDP
     grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip)
     opt.step()
     st.schedulers[name].step()
@@ -195,5 +203,5 @@ def train_step(cfg: Config, ctx: TrainContext, st: TrainState) -> dict:
     if use_gan:
         metrics.update(discriminator_step(cfg, ctx, st, real_tokens, cond, fake_probs))
     st.step += 1
-    st.images_seen += cfg.train.batch_size
+    st.images_seen += cfg.train.batch_size * dist.world_size()   # global batch
     return metrics

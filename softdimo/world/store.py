@@ -67,7 +67,7 @@ WORLD_SPECS: dict[str, WorldSpec] = {
     # the same code at toy sizes: a whole build in seconds, for tests and CI
     "test": WorldSpec(name="test", c2i_scenes=540, t2i_scenes=900, reference_scenes=64,
                       tokenizer_steps=40, tokenizer_batch=32, tokenizer_channels=16,
-                      clip_steps=8, clip_batch=32, teacher_width=32, teacher_depth=1,
+                      clip_steps=8, clip_batch=32, teacher_width=32, teacher_depth=2,
                       teacher_heads=2, c2i_steps=8, t2i_steps=8, teacher_batch=16,
                       quality_steps=6, quality_batch=32, features_steps=6, features_batch=32,
                       encode_batch=256),

@@ -1,0 +1,268 @@
+"""Run an ablation sweep: one Ray Tune trial per configuration, each a Ray Train job, tracked in MLflow.
+
+    python -m orchestrator.sweep sweeps/gan_mask.yaml
+    python -m orchestrator.sweep sweeps/gan_mask.yaml train.steps=100 --dry-run
+    python -m orchestrator.sweep sweeps/gan_weight.yaml sweep.scaling.num_workers=2 --num-cpus 4
+    python -m orchestrator.sweep sweeps/gan_mask.yaml --resume
+
+The sweep file is validated (with any overrides) before Ray starts: ``key=value`` sets a training
+config key in every trial, ``sweep.key=value`` a key of the sweep file itself. The embedded world is
+built first if missing. Unless the sweep file names a tracking URI, a local MLflow server (SQLite and
+artifacts under <output_dir>/mlflow) runs for the length of the sweep; the parent run holds the
+sweep, one child run per trial holds its params, curves, sample grids and checkpoint locations.
+At the end a table of every trial's final metrics is printed with the address to compare them in.
+
+Everything goes to <output_dir>/<name>/ (trials/, train/ checkpoints, tune/ state). ``--resume``
+continues an interrupted sweep: finished trials are not rerun and no MLflow run is duplicated.
+Inside ``ray job submit`` (or with --address) the sweep attaches to that cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from orchestrator.config import UserError, run_cli
+from orchestrator.sweep_config import SweepSpec, format_dry_run, load_sweep
+
+TABLE_METRICS = ("eval/world_fid", "loss/dimo", "loss/gan_generator", "loss/reward",
+                 "ema/entropy", "ddp/max_param_spread")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", help="a sweep file, e.g. sweeps/gan_mask.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="training overrides for every trial (train.steps=100) or sweep-file "
+                        "overrides prefixed with sweep. (sweep.max_concurrent_trials=1)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the expanded trials (resolved configs) and exit; Ray is not started")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep of the same name and config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier sweep folder of the same name and start afresh")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local one)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs of the local Ray instance")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or trial tables")
+    return p
+
+
+def prepare_worlds(spec: SweepSpec, progress: bool) -> None:
+    """Build or load each embedded world the trials use, and pin its cache folder in the configs."""
+    from softdimo.world.store import default_cache_dir, load_world
+
+    seen = {}
+    for trial in spec.trials:
+        world = trial.config["world"]
+        cache = str(Path(world["cache_dir"] or default_cache_dir()).resolve())
+        if (world["spec"], cache) not in seen:
+            seen[(world["spec"], cache)] = load_world(world["spec"], cache, build_if_missing=True,
+                                                      progress=progress)
+        world["cache_dir"] = cache
+
+
+def _check_folder(spec: SweepSpec, args) -> None:
+    state = spec.sweep_dir / "sweep.json"
+    if args.resume:
+        if not state.is_file():
+            raise UserError(f"{spec.source}: --resume: no earlier sweep in {spec.sweep_dir}")
+        before = json.loads(state.read_text())["trials"]
+        now = spec.to_json()["trials"]
+        if [t["config"] for t in before] != [t["config"] for t in now]:
+            raise UserError(f"{spec.source}: --resume: the trials differ from those of the sweep in "
+                            f"{spec.sweep_dir}; resume with the same file and overrides, or --overwrite")
+    elif spec.sweep_dir.exists():
+        if not args.overwrite:
+            raise UserError(f"{spec.source}: name: {spec.sweep_dir} already exists; use --resume "
+                            "to continue it, --overwrite to start again, or another name")
+        shutil.rmtree(spec.sweep_dir)
+
+
+def _table(rows: list[dict]) -> str:
+    metrics = [m for m in TABLE_METRICS if any(m in r["metrics"] for r in rows)]
+    header = ["trial", "status", "step"] + metrics + ["configuration"]
+    body = []
+    for r in rows:
+        m = r["metrics"]
+        body.append([r["key"], r["status"], str(int(m.get("step", 0)))]
+                    + [f"{m[k]:.4g}" if k in m else "-" for k in metrics] + [r["label"]])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def _start_tracking(spec: SweepSpec):
+    """-> (uri for trials, uri to read the store later, experiment id, parent id, server or None)."""
+    from orchestrator import tracking
+
+    t = spec.file.tracking
+    server = None
+    artifact_location = None
+    if t.uri:
+        uri = read_uri = t.uri
+    else:
+        store = tracking.default_store(Path(spec.file.output_dir)).resolve()
+        server = tracking.LocalServer.start(store)
+        uri = server.uri
+        read_uri = tracking.sqlite_uri(store)
+        artifact_location = str(store / "artifacts")
+    experiment_id = tracking.ensure_experiment(uri, t.experiment, artifact_location)
+    parent_id = tracking.get_or_create_parent(
+        uri, experiment_id, spec.file.name,
+        tags={"softdimo.preset": spec.preset, "softdimo.sweep_file": str(Path(spec.source).resolve()),
+              "softdimo.trials": str(len(spec.trials))})
+    return uri, read_uri, experiment_id, parent_id, server
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.file.scheduler
+    if s.type == "asha":
+        # time is measured in images seen, so runs with different batch sizes compare fairly
+        return ASHAScheduler(time_attr="images_seen", metric=spec.file.metric, mode=spec.file.mode,
+                             grace_period=s.grace_period, max_t=s.max_t,
+                             reduction_factor=s.reduction_factor)
+    return FIFOScheduler()
+
+
+def _reporter(spec: SweepSpec):
+    """Tune's live table: trial, status, configuration, progress and the headline metrics."""
+    from ray.tune import CLIReporter
+
+    columns = {"step": "step", "images_seen": "images", "loss/dimo": "dimo"}
+    if spec.file.metric not in columns:
+        columns[spec.file.metric] = spec.file.metric.split("/")[-1]
+    return CLIReporter(metric_columns=columns, parameter_columns={"trial/label": "configuration"},
+                       max_column_length=40, max_report_frequency=30)
+
+
+def _max_concurrent(spec: SweepSpec) -> int:
+    import ray
+
+    if spec.file.max_concurrent_trials:
+        return spec.file.max_concurrent_trials
+    sc = spec.file.scaling
+    total = ray.cluster_resources()
+    if sc.use_gpu:
+        per_trial, have = sc.num_workers * sc.gpus_per_worker, total.get("GPU", 0.0)
+    else:
+        per_trial, have = sc.num_workers * sc.cpus_per_worker, total.get("CPU", 1.0)
+    return max(1, int(have // per_trial))
+
+
+def run_sweep(spec: SweepSpec, args) -> int:
+    import ray
+    from ray import tune
+
+    from orchestrator import tracking
+    from orchestrator.trial import RESULT, train_driver, trial_dir
+
+    progress = not args.quiet
+    uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec)
+    try:
+        spec.sweep_dir.mkdir(parents=True, exist_ok=True)
+        state = spec.to_json()
+        state["tracking_uri"] = read_uri
+        (spec.sweep_dir / "sweep.json").write_text(json.dumps(state, indent=2))
+        parent = tracking.Tracker(uri, parent_id, spec.sweep_dir / "parent_spool.jsonl")
+        parent.log_text(json.dumps(state, indent=2), "sweep.json")
+        sweep_ctx = {
+            "name": spec.file.name, "sweep_dir": str(spec.sweep_dir), "tracking_uri": uri,
+            "experiment_id": experiment_id, "parent_id": parent_id,
+            "scaling": dict(vars(spec.file.scaling)), "max_failures": spec.file.failure.max_failures,
+            "evaluation": {"metrics": list(spec.file.evaluation.metrics),
+                           "num_images": spec.file.evaluation.num_images,
+                           "every_images": spec.file.evaluation.every_images},
+        }
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        # eval/* metrics arrive only at evaluation steps; Tune must not fail the other reports
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # honour the reporter's columns
+        if ray.is_initialized():       # a caller (a test, a notebook) owns the Ray session
+            pass
+        elif address:
+            ray.init(address=address)
+        else:
+            ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                     include_dashboard=True)   # Train's placement-group cleaner needs the State API
+        trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
+                                        {"CPU": 0.01})
+        tune_dir = spec.sweep_dir / "tune"
+        run_config = tune.RunConfig(
+            name="tune", storage_path=str(spec.sweep_dir),
+            failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
+            progress_reporter=_reporter(spec), verbose=1 if progress else 0)
+        if args.resume and tune.Tuner.can_restore(str(tune_dir)):
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search([_trial_json(t) for t in spec.trials])},
+                tune_config=tune.TuneConfig(
+                    scheduler=_scheduler(spec), max_concurrent_trials=_max_concurrent(spec),
+                    trial_name_creator=lambda t: t.config["trial"]["key"],
+                    trial_dirname_creator=lambda t: t.config["trial"]["key"]),
+                run_config=run_config)
+        grid = tuner.fit()
+        rows = []
+        for result in grid:
+            trial = result.config["trial"]
+            done = trial_dir(sweep_ctx, trial["key"]) / RESULT
+            metrics = json.loads(done.read_text()) if done.is_file() else (result.metrics or {})
+            status = "ERROR" if result.error else ("DONE" if done.is_file() else "STOPPED")
+            rows.append({"key": trial["key"], "label": trial["label"], "status": status,
+                         "metrics": metrics, "error": str(result.error).splitlines()[0] if result.error else ""})
+        rows.sort(key=lambda r: r["key"])
+        table = _table(rows)
+        print("\n" + table)
+        for r in rows:
+            if r["error"]:
+                print(f"{r['key']}: {r['error']}", file=sys.stderr)
+        for trial in spec.trials:
+            spool = trial_dir(sweep_ctx, trial.key) / "spool.jsonl"
+            if spool.is_file():
+                print(f"{trial.key}: replaying {spool}", file=sys.stderr)
+        parent.log_text(table + "\n", "results.txt")
+        failed = any(r["status"] != "DONE" for r in rows)
+        parent.close("FAILED" if failed else "FINISHED")
+    finally:
+        if server is not None:
+            server.stop()
+    if server is not None:
+        print(f"\nMLflow store: {read_uri}\nto compare the runs: {tracking.ui_command(server.store)}"
+              "\n  then open http://127.0.0.1:5000")
+    else:
+        print(f"\nMLflow: {uri} (experiment {spec.file.tracking.experiment!r}, run sweep:{spec.file.name})")
+    print(f"sweep folder: {spec.sweep_dir}")
+    return 1 if failed else 0
+
+
+def _trial_json(trial) -> dict:
+    return {"key": trial.key, "label": trial.label, "overrides": trial.overrides, "config": trial.config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_intermixed_args(argv)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    spec = load_sweep(args.sweep, args.overrides)
+    if args.dry_run:
+        print(format_dry_run(spec))
+        return 0
+    prepare_worlds(spec, progress=not args.quiet)
+    _check_folder(spec, args)
+    return run_sweep(spec, args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

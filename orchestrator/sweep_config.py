@@ -1,0 +1,461 @@
+"""Sweep files: the typed schema, its validation and the expansion into trials (no Ray here).
+
+A sweep file names a preset, dotted training-config overrides (``base``) and a ``search`` of one
+sampler per key. ``load_sweep`` resolves and validates every trial's full training config before
+anything runs, so a typo or an out-of-range value costs one line of error, not a cluster start.
+Each problem is a ``UserError`` "<sweep file>: <key>: <problem>".
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from orchestrator.config import UserError, load_yaml, merge_checked, to_dict, validated
+from trainers.config import Config, ConfigValueError, check_values
+
+SAMPLERS = ("grid", "choice", "uniform", "loguniform")
+SCHEDULERS = ("fifo", "asha")
+MODES = ("min", "max")
+EVAL_METRICS = ("world_fid",)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+# Set by the sweep for every trial: a value from the file would be silently replaced.
+RESERVED = {"output_dir": "set per trial to <sweep_dir>/trials/<key>",
+            "train.device": "set from scaling.use_gpu (override sweep.scaling.use_gpu instead)"}
+
+
+@dataclass
+class SchedulerSection:
+    type: str = "fifo"                   # fifo: run every trial to the end; asha: stop bad ones early
+    grace_period: Optional[int] = None   # images seen before ASHA may stop a trial
+    max_t: Optional[int] = None          # images seen at ASHA's last rung
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 1                 # DDP ranks per trial; train.batch_size is per worker
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class FailureSection:
+    max_failures: int = 2                # Ray Train worker-group restarts per trial
+
+
+@dataclass
+class TrackingSection:
+    uri: Optional[str] = None            # None: start a local MLflow server under output_dir/mlflow
+    experiment: str = "softdimo"
+
+
+@dataclass
+class EvaluationSection:
+    metrics: List[str] = field(default_factory=lambda: ["world_fid"])
+    num_images: int = 500
+    every_images: int = 0                # 0: evaluate at the end of the trial only
+
+
+@dataclass
+class SweepFile:
+    name: str = MISSING
+    preset: str = MISSING                # relative to the sweep file's folder, or absolute
+    description: str = ""
+    base: Dict[str, Any] = field(default_factory=dict)    # dotted key -> value, every trial
+    search: Dict[str, Any] = field(default_factory=dict)  # dotted key -> {sampler: values}
+    num_samples: int = 1
+    search_seed: int = 0
+    metric: str = "eval/world_fid"
+    mode: str = "min"
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    max_concurrent_trials: Optional[int] = None
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    failure: FailureSection = field(default_factory=FailureSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    output_dir: str = "runs/sweeps"
+
+
+@dataclass
+class Trial:
+    key: str                             # "t000", "t001", ... in expansion order
+    overrides: dict                      # search key -> the value this trial uses
+    label: str                           # "gan.mask_range=[0.0, 0.5] seed=1", or "base"
+    config: dict                         # the full resolved, validated training config
+
+
+@dataclass
+class SweepSpec:
+    source: str                          # the sweep file path as given
+    file: SweepFile                      # after sweep.* overrides; output_dir absolute
+    preset: str                          # absolute path of the preset
+    trials: List[Trial]
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.file.output_dir) / self.file.name
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "name": self.file.name, "sweep_dir": str(self.sweep_dir),
+                "preset": self.preset, "file": asdict(self.file),
+                "trials": [asdict(trial) for trial in self.trials]}
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None = None) -> SweepSpec:
+    """Load, validate and expand a sweep file; ``sweep.*`` overrides edit the file itself, the
+    others are training-config overrides applied to every trial before its search values."""
+    cwd = Path(cwd) if cwd is not None else Path.cwd()
+    source = str(path)
+    file_path = Path(path).expanduser()
+    file_path = file_path if file_path.is_absolute() else cwd / file_path
+    items = [_split(item, source) for item in overrides]
+    sweep_items = [(item, key, value) for item, key, value in items if key.startswith("sweep.")]
+    train_items = [(item, key, value) for item, key, value in items if not key.startswith("sweep.")]
+
+    file = _load_file(file_path, sweep_items, source)
+    _check_file(file, source)
+    preset = Path(file.preset).expanduser()
+    preset = (preset if preset.is_absolute() else file_path.parent / preset).resolve()
+    if not preset.is_file():
+        raise UserError(f"{source}: preset: {preset} not found")
+    file.output_dir = str(_absolute(file.output_dir, cwd))
+    samplers = {key: _sampler(key, spec, source) for key, spec in file.search.items()}
+    for item, key, _ in train_items:
+        for search_key in samplers:
+            if key == search_key or key.startswith(search_key + "."):
+                raise UserError(f"{source}: search.{search_key}: also set by the override {item}; "
+                                "remove one")
+
+    layers = _Layers(file, source, cwd, train_items).load(preset)
+    for key, (kind, values) in samplers.items():
+        problem = _key_problem(layers.common, key)
+        if problem:
+            raise UserError(f"{source}: search.{key}: {problem}")
+        if kind in ("uniform", "loguniform"):  # draws lie between the bounds: check both ends
+            for bound in values:
+                layers.resolve("bounds", {key: bound})
+
+    spec = SweepSpec(source=source, file=file, preset=str(preset), trials=[])
+    for index, values in enumerate(_expand(samplers, file.num_samples, file.search_seed)):
+        key = f"t{index:03d}"
+        config, chosen = layers.resolve(key, values)
+        spec.trials.append(Trial(key=key, overrides=chosen, label=_label(chosen), config=config))
+    return spec
+
+
+def format_dry_run(spec: SweepSpec) -> str:
+    """What a sweep would run: a header, then every trial's key, label and resolved config."""
+    f = spec.file
+    batches = sorted({t.config["train"]["batch_size"] for t in spec.trials})
+    workers = f.scaling.num_workers
+    batch = " or ".join(str(b * workers) for b in batches)
+    device = "gpu" if f.scaling.use_gpu else "cpu"
+    per_worker = f"{f.scaling.cpus_per_worker:g} CPU" + (
+        f" + {f.scaling.gpus_per_worker:g} GPU" if f.scaling.use_gpu else "")
+    sched = f.scheduler
+    scheduler = sched.type if sched.type == "fifo" else (
+        f"asha (grace_period={sched.grace_period}, max_t={sched.max_t} images, "
+        f"reduction_factor={sched.reduction_factor:g})")
+    evaluation = "off" if not f.evaluation.metrics or not f.evaluation.num_images else (
+        f"{', '.join(f.evaluation.metrics)} on {f.evaluation.num_images} images at the end"
+        + (f" and every {f.evaluation.every_images} images" if f.evaluation.every_images else ""))
+    lines = [
+        f"sweep {f.name}" + (f": {f.description}" if f.description else ""),
+        f"  file:        {spec.source}",
+        f"  preset:      {spec.preset}",
+        f"  trials:      {len(spec.trials)} (num_samples {f.num_samples}, search_seed {f.search_seed})",
+        f"  metric:      {f.metric} ({f.mode})",
+        f"  scheduler:   {scheduler}",
+        f"  concurrency: {f.max_concurrent_trials or 'from cluster resources'}",
+        f"  scaling:     {workers} worker(s) on {device}, {per_worker} per worker, "
+        f"max_failures {f.failure.max_failures}",
+        f"  global batch: {batch} (train.batch_size x {workers} worker(s))",
+        f"  evaluation:  {evaluation}",
+        f"  tracking:    {f.tracking.uri or 'local MLflow server'}, experiment {f.tracking.experiment}",
+        f"  output:      {spec.sweep_dir}",
+    ]
+    for trial in spec.trials:
+        body = yaml.dump(trial.config, Dumper=_ConfigDumper, sort_keys=False)
+        lines += ["", f"{trial.key}  {trial.label}"] + ["    " + line for line in body.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+# --- the sweep file -------------------------------------------------------------------------------
+
+def _split(item: str, source: str) -> tuple[str, str, str]:
+    if "=" not in item:
+        raise UserError(f"{source}: override {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    return item, key.strip(), value
+
+
+def _parse_value(text: str, where: str) -> Any:
+    """One override value parsed the way OmegaConf parses ``key=value`` (YAML)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception as err:  # parse errors come in several types
+        raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
+
+
+def _load_file(path: Path, items: list, source: str) -> SweepFile:
+    cfg = merge_checked(OmegaConf.structured(SweepFile), load_yaml(path), source)
+    for item, key, text in items:
+        where = f"{source} (override {item})"
+        key = key[len("sweep."):]
+        value = _parse_value(text, f"{where}: {key}")
+        head, _, rest = key.partition(".")
+        if head in ("base", "search") and rest:
+            # base and search map dotted training keys: "train.steps" is one key there; null drops it
+            if value is None:
+                cfg[head].pop(rest, None)
+            else:
+                cfg[head][rest] = value
+        else:
+            for part in reversed(key.split(".")):
+                value = {part: value}
+            cfg = merge_checked(cfg, value, where)
+    for required in ("name", "preset"):
+        if OmegaConf.is_missing(cfg, required):
+            raise UserError(f"{source}: {required}: missing (required)")
+    return OmegaConf.to_object(cfg)
+
+
+def _check_file(f: SweepFile, source: str) -> None:
+    """Range and consistency checks the type system cannot express; the first one found is raised."""
+    sched, evaluation = f.scheduler, f.evaluation
+    eval_metric = f.metric[len("eval/"):] if f.metric.startswith("eval/") else None
+    checks = [
+        ("name", NAME_PATTERN.fullmatch(f.name), f"{f.name!r} may only use letters, digits, _ . -"),
+        ("preset", f.preset.strip(), "must name a preset file"),
+        ("num_samples", f.num_samples >= 1, f"must be >= 1, got {f.num_samples}"),
+        ("mode", f.mode in MODES, f"{f.mode!r} is not one of {', '.join(MODES)}"),
+        ("metric", f.metric.strip(), "must name a metric, e.g. eval/world_fid"),
+        ("scheduler.type", sched.type in SCHEDULERS,
+         f"{sched.type!r} is not one of {', '.join(SCHEDULERS)}"),
+        ("max_concurrent_trials", f.max_concurrent_trials is None or f.max_concurrent_trials >= 1,
+         f"must be >= 1 or null, got {f.max_concurrent_trials}"),
+        ("scaling.num_workers", f.scaling.num_workers >= 1, f"must be >= 1, got {f.scaling.num_workers}"),
+        ("scaling.cpus_per_worker", f.scaling.cpus_per_worker > 0,
+         f"must be > 0, got {f.scaling.cpus_per_worker}"),
+        ("scaling.gpus_per_worker", not f.scaling.use_gpu or f.scaling.gpus_per_worker > 0,
+         f"must be > 0 with use_gpu, got {f.scaling.gpus_per_worker}"),
+        ("failure.max_failures", f.failure.max_failures >= 0,
+         f"must be >= 0, got {f.failure.max_failures}"),
+        ("tracking.experiment", f.tracking.experiment.strip(), "must name an MLflow experiment"),
+        ("evaluation.metrics", set(evaluation.metrics) <= set(EVAL_METRICS),
+         f"{evaluation.metrics} has unknown metrics; known: {', '.join(EVAL_METRICS)}"),
+        ("evaluation.num_images", evaluation.num_images >= 0,
+         f"must be >= 0, got {evaluation.num_images}"),
+        ("evaluation.every_images", evaluation.every_images >= 0,
+         f"must be >= 0, got {evaluation.every_images}"),
+        ("metric", eval_metric is None or (eval_metric in evaluation.metrics and evaluation.num_images),
+         f"{f.metric} is never computed: needs {eval_metric} in evaluation.metrics and "
+         "evaluation.num_images > 0"),
+    ]
+    if sched.type == "asha":
+        checks += [
+            ("scheduler.grace_period", sched.grace_period is not None and sched.grace_period > 0,
+             f"asha needs grace_period > 0 (images seen), got {sched.grace_period}"),
+            ("scheduler.max_t", sched.max_t is not None and sched.max_t > 0,
+             f"asha needs max_t > 0 (images seen), got {sched.max_t}"),
+            ("scheduler.max_t", sched.max_t is None or sched.grace_period is None
+             or sched.max_t >= sched.grace_period,
+             f"must be >= grace_period ({sched.grace_period}), got {sched.max_t}"),
+            ("scheduler.reduction_factor", sched.reduction_factor > 1,
+             f"must be > 1, got {sched.reduction_factor}"),
+            # ASHA compares trials at its rungs; a metric computed only at the end never stops one.
+            ("scheduler.type", eval_metric is None or evaluation.every_images > 0,
+             f"asha watches {f.metric}, which is only computed at the end; "
+             "set evaluation.every_images > 0 or watch a training metric"),
+        ]
+    for key, ok, problem in checks:
+        if not ok:
+            raise UserError(f"{source}: {key}: {problem}")
+
+
+def _sampler(key: str, spec: Any, source: str) -> tuple[str, list]:
+    where = f"{source}: search.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+        got = ", ".join(map(str, spec)) if isinstance(spec, dict) else repr(spec)
+        raise UserError(f"{where}: needs exactly one of {', '.join(SAMPLERS)}, got {got or 'nothing'}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{where}: {kind} needs a non-empty list of values, got {values!r}")
+    if kind in ("uniform", "loguniform"):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if len(values) != 2 or not numbers:
+            raise UserError(f"{where}: {kind} needs [low, high], got {values}")
+        if not values[0] < values[1]:
+            raise UserError(f"{where}: {kind} needs low < high, got {values}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise UserError(f"{where}: loguniform needs low > 0, got {values}")
+    return kind, values
+
+
+# --- training configs -----------------------------------------------------------------------------
+
+def _key_problem(cfg: DictConfig, key: str) -> Optional[str]:
+    """Why a dotted key (integer parts index lists) does not name a value of ``cfg``, or None."""
+    if key in RESERVED:
+        return RESERVED[key]
+    node: Any = cfg
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            where = ".".join(parts[:depth])
+            if not part.isdigit():
+                return f"{where} is a list: {part!r} is not an index"
+            if int(part) >= len(node):
+                return f"index {part} out of range ({where} has {len(node)} items)"
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            return "not a key of the training config"
+    return None
+
+
+def _assign(cfg: DictConfig, key: str, value: Any, where: str) -> None:
+    problem = _key_problem(cfg, key)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    try:  # update merges dicts into sections and converts types without warnings
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
+
+
+@dataclass
+class _Layers:
+    """What every trial starts from (preset, then base, then the training overrides) and what
+    each trial adds, remembered so that a bad value's message names the layer that set it."""
+    file: SweepFile
+    source: str
+    cwd: Path
+    train_items: list
+    common: DictConfig = field(init=False)
+
+    def load(self, preset: Path) -> "_Layers":
+        cfg = merge_checked(OmegaConf.structured(Config), load_yaml(preset), str(preset))
+        validated(cfg, str(preset))  # a bad preset is the preset's fault, not the sweep's
+        for key, value in self.file.base.items():
+            _assign(cfg, key, value, f"{self.source}: base.{key}")
+        for item, key, text in self.train_items:
+            where = f"{self.source} (override {item}): {key}"
+            _assign(cfg, key, _parse_value(text, where), where)
+        self.common = cfg
+        return self
+
+    def resolve(self, key: str, values: dict) -> tuple[dict, dict]:
+        """A trial's validated config (plain dict) and its search values as the config holds them."""
+        cfg = copy.deepcopy(self.common)
+        for name, value in values.items():
+            _assign(cfg, name, value, f"{self.source}: search.{name}: value {_fmt(value)}")
+        chosen = {}
+        for name in values:
+            got = OmegaConf.select(cfg, name)
+            chosen[name] = OmegaConf.to_container(got) if isinstance(got, (DictConfig, ListConfig)) else got
+        cache = cfg.world.cache_dir
+        OmegaConf.update(cfg, "output_dir", str(Path(self.file.output_dir) / self.file.name / "trials" / key))
+        OmegaConf.update(cfg, "world.cache_dir", None if cache is None else str(_absolute(cache, self.cwd)))
+        OmegaConf.update(cfg, "train.device", "cuda" if self.file.scaling.use_gpu else "cpu")
+        obj = OmegaConf.to_object(cfg)
+        try:
+            check_values(obj)
+        except ConfigValueError as err:
+            raise UserError(self.blame(err, key, values)) from None
+        return to_dict(obj), chosen
+
+    def blame(self, err: ConfigValueError, key: str, values: dict) -> str:
+        """Name the last layer that set the bad key: search, then overrides, then base."""
+        def related(name: str) -> bool:
+            return err.key == name or err.key.startswith(name + ".") or name.startswith(err.key + ".")
+
+        def reason(name: str) -> str:
+            return err.message if err.key == name else f"{err.key}: {err.message}"
+
+        for name, value in values.items():
+            if related(name):
+                return f"{self.source}: search.{name}: value {_fmt(value)}: {reason(name)}"
+        for item, name, _ in reversed(self.train_items):
+            if related(name):
+                return f"{self.source} (override {item}): {err.key}: {err.message}"
+        for name in reversed(list(self.file.base)):
+            if related(name):
+                return f"{self.source}: base.{name}: {reason(name)}"
+        # a combination of values (e.g. reward.weight > 0 without terms): name the trial
+        return f"{self.source}: trial {key} ({_label(values)}): {err.key}: {err.message}"
+
+
+def _absolute(path: str, cwd: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else cwd / p
+
+
+# --- expansion ------------------------------------------------------------------------------------
+
+def _expand(samplers: Dict[str, tuple], num_samples: int, seed: int) -> List[dict]:
+    """Search values per trial: the grid product (last key fastest) repeated ``num_samples``
+    times, random samplers drawn per trial in trial order from one seeded generator."""
+    grid = {key: values for key, (kind, values) in samplers.items() if kind == "grid"}
+    product = list(itertools.product(*grid.values()))
+    rng = np.random.default_rng(seed)
+    trials = []
+    for _ in range(num_samples):
+        for combo in product:
+            fixed = dict(zip(grid, combo))
+            trials.append({key: copy.deepcopy(fixed[key]) if key in fixed else _draw(rng, kind, values)
+                           for key, (kind, values) in samplers.items()})
+    return trials
+
+
+def _draw(rng: np.random.Generator, kind: str, values: list) -> Any:
+    if kind == "choice":
+        return copy.deepcopy(values[int(rng.integers(len(values)))])
+    low, high = float(values[0]), float(values[1])
+    if kind == "uniform":
+        return float(rng.uniform(low, high))
+    # exp(log(x)) can land a rounding error outside the bounds
+    return min(max(float(math.exp(rng.uniform(math.log(low), math.log(high)))), low), high)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Block-style YAML with short lists of scalars on one line ("mask_range: [0.0, 0.5]")."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(v, (list, dict)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ConfigDumper.add_representer(list, _represent_list)
+
+
+def _label(values: dict) -> str:
+    return " ".join(f"{key}={_fmt(value)}" for key, value in values.items()) or "base"
+
+
+def _fmt(value: Any) -> str:
+    """A short, override-like rendering of a value for labels and messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return repr(float(f"{value:.4g}"))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
+    return str(value)

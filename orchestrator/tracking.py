@@ -1,0 +1,470 @@
+"""MLflow tracking for sweeps: the only module that imports mlflow.
+
+Everything goes through ``MlflowClient`` with explicit run ids (no global ``mlflow.start_run`` or
+autolog state, which Ray workers would share by accident). Parent run = one sweep, child run = one
+trial, both found again by tags so a resumed sweep reuses them. ``Tracker`` is what rank 0 logs
+through: a tracking outage never raises and never loses data; records wait in a JSONL spool file
+and are replayed in order when the server answers again. ``LocalServer`` runs ``mlflow server`` on
+a local SQLite store, because several processes writing to one fresh SQLite file race its migration.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+import warnings
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+TAG_SWEEP = "softdimo.sweep"
+TAG_KIND = "softdimo.kind"
+TAG_TRIAL = "softdimo.trial"
+TAG_RAY_TRIAL = "ray.trial_id"
+TAG_PARENT = "mlflow.parentRunId"
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+BATCH = 100                 # params per log_batch (MLflow allows 100 params per request)
+METRIC_BATCH = 1000         # metrics per log_batch (MLflow's limit)
+# Errors that retrying cannot fix: the record is dropped with a warning instead of blocking the spool.
+PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS",
+                   "RESOURCE_DOES_NOT_EXIST"}
+logger = logging.getLogger(__name__)
+
+
+class TrackingOfflineWarning(UserWarning):
+    """Emitted once when a Tracker loses its tracking server and starts spooling."""
+
+
+def flatten_params(resolved: dict, prefix: str = "") -> dict[str, str]:
+    """Dotted keys -> text: lists of scalars as Python list text, lists of dicts as compact JSON."""
+    out: dict[str, str] = {}
+    for key, value in resolved.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, f"{name}."))
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, dict) for v in value):
+            out[name] = json.dumps(list(value), separators=(",", ":"))
+        elif isinstance(value, (list, tuple)):
+            out[name] = str(list(value))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def default_store(output_root: Path) -> Path:
+    return Path(output_root) / "mlflow"
+
+
+def sqlite_uri(store: Path) -> str:
+    """The tracking URI that reads a local store directly (no server needed)."""
+    return f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
+
+
+def ui_command(store: Path) -> str:
+    store = Path(store).resolve()
+    return (f"mlflow server --backend-store-uri {shlex.quote(sqlite_uri(store))} "
+            f"--default-artifact-root {shlex.quote(str(store / 'artifacts'))} "
+            "--host 127.0.0.1 --port 5000")
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+class LocalServer:
+    """``mlflow server`` on ``<store>/mlflow.db`` + ``<store>/artifacts``, in its own process group."""
+
+    def __init__(self, store: Path, port: int, process: subprocess.Popen):
+        self.store, self.port, self.process = store, port, process
+        self.uri = f"http://127.0.0.1:{port}"
+
+    @classmethod
+    def start(cls, store: Path, port: int | None = None, timeout: float = 90) -> "LocalServer":
+        store = Path(store).resolve()
+        (store / "artifacts").mkdir(parents=True, exist_ok=True)
+        # Create the schema here, before the server (and any worker) touches the file.
+        _client(sqlite_uri(store)).search_experiments(max_results=1)
+        if not port:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+        log_path = store / "server.log"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_uri(store),
+               "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        server = cls(store, port, process)
+        deadline = time.monotonic() + timeout
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with code {process.returncode}; "
+                                   f"see {log_path}")
+            try:
+                with opener.open(f"{server.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return server
+            except OSError:
+                pass
+            time.sleep(0.25)
+        server.stop()
+        raise RuntimeError(f"mlflow server did not answer {server.uri}/health within {timeout:g} s; "
+                           f"see {log_path}")
+
+    def stop(self) -> None:
+        """SIGTERM to the whole process group (uvicorn runs as a child), SIGKILL after 10 s."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL also ends stragglers holding the port
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                return
+
+    def __enter__(self) -> "LocalServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id; created if missing. Local artifact paths are made absolute (workers
+    run in other folders); a SQLite store's default is ``<db folder>/artifacts``, not ./mlruns."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        if artifact_location is None and uri.startswith("sqlite:///"):
+            artifact_location = str(Path(uri[len("sqlite:///"):]).parent / "artifacts")
+        if artifact_location and ":" not in artifact_location:
+            artifact_location = str(Path(artifact_location).resolve())
+        try:
+            return client.create_experiment(name, artifact_location)
+        except MlflowException:  # created meanwhile by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def _quoted(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ValueError(f"{value!r}: quotes and backslashes are not allowed in sweep/trial names")
+    return f"'{value}'"
+
+
+def _newest(client: MlflowClient, experiment_id: str, filt: str):
+    runs = client.search_runs([experiment_id], filt, ViewType.ACTIVE_ONLY, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def _parent_filter(sweep_name: str) -> str:
+    return f"tags.`{TAG_SWEEP}` = {_quoted(sweep_name)} and tags.`{TAG_KIND}` = 'sweep'"
+
+
+def get_or_create_parent(uri: str, experiment_id: str, sweep_name: str,
+                         tags: dict | None = None) -> str:
+    client = _client(uri)
+    found = _newest(client, experiment_id, _parent_filter(sweep_name))
+    if found is None:
+        run = client.create_run(experiment_id, run_name=f"sweep:{sweep_name}",
+                                tags={**(tags or {}), TAG_SWEEP: sweep_name, TAG_KIND: "sweep"})
+        return run.info.run_id
+    _reopen(client, found.info.run_id, tags)
+    return found.info.run_id
+
+
+def get_or_create_child(uri: str, experiment_id: str, parent_id: str, sweep_name: str,
+                        trial_key: str, run_name: str, params: dict[str, str],
+                        tags: dict | None = None) -> str:
+    """The trial's run under ``parent_id`` (created once); logs only params not yet there."""
+    client = _client(uri)
+    filt = f"tags.`{TAG_PARENT}` = {_quoted(parent_id)} and tags.`{TAG_TRIAL}` = {_quoted(trial_key)}"
+    run = _newest(client, experiment_id, filt)
+    if run is None:
+        run = client.create_run(experiment_id, run_name=run_name, tags={
+            **(tags or {}), TAG_PARENT: parent_id, TAG_SWEEP: sweep_name, TAG_KIND: "trial",
+            TAG_TRIAL: trial_key})
+    else:
+        _reopen(client, run.info.run_id, tags)
+    run_id, have = run.info.run_id, run.data.params
+    changed = sorted(k for k, v in params.items() if k in have and have[k] != str(v))
+    if changed:  # MLflow params are write-once; the first value stays
+        logger.warning("run %s keeps its logged values of changed params: %s", run_id,
+                       ", ".join(changed))
+    new = [Param(k, str(v)) for k, v in params.items() if k not in have]
+    for i in range(0, len(new), BATCH):
+        client.log_batch(run_id, params=new[i:i + BATCH])
+    return run_id
+
+
+def _reopen(client: MlflowClient, run_id: str, tags: dict | None) -> None:
+    """A resumed run: refresh its tags and mark it RUNNING again."""
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client.update_run(run_id, status="RUNNING")
+
+
+def finish_run(uri: str, run_id: str, status: str) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    _client(uri).set_terminated(run_id, status)
+
+
+def children(uri: str, parent_id: str) -> list:
+    """Child runs of a parent (tag mlflow.parentRunId), sorted by trial key."""
+    client = _client(uri)
+    exp_id = client.get_run(parent_id).info.experiment_id
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], f"tags.`{TAG_PARENT}` = {_quoted(parent_id)}",
+                                  ViewType.ACTIVE_ONLY, 1000, page_token=token)
+        runs, token = runs + list(page), page.token
+        if not token:
+            break
+    return sorted(runs, key=lambda r: (r.data.tags.get(TAG_TRIAL, ""), r.info.run_name or ""))
+
+
+def find_parent(uri: str, experiment_name: str, sweep_or_run: str):
+    """The parent run given its run id or its sweep name (then the newest one); else LookupError."""
+    client = _client(uri)
+    if len(sweep_or_run) == 32 and all(c in "0123456789abcdef" for c in sweep_or_run):
+        try:
+            return client.get_run(sweep_or_run)
+        except MlflowException:
+            pass
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        raise LookupError(f"{sweep_or_run}: no MLflow experiment {experiment_name!r} at {uri}")
+    try:
+        found = _newest(client, exp.experiment_id, _parent_filter(sweep_or_run))
+    except ValueError as err:
+        raise LookupError(str(err)) from None
+    if found is None:
+        raise LookupError(f"{sweep_or_run}: no sweep or parent run of that name in experiment "
+                          f"{experiment_name!r} at {uri}")
+    return found
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) sorted by step; a step logged twice (e.g. after a resume) keeps its last value."""
+    history = sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return sorted({m.step: m.value for m in history}.items())
+
+
+def log_files(uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    client = _client(uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def _is_permanent(err: Exception) -> bool:
+    """Retrying cannot help (bad value, missing file): drop the record rather than block the spool."""
+    if isinstance(err, MlflowException):
+        return err.error_code in PERMANENT_CODES
+    return isinstance(err, (TypeError, ValueError))
+
+
+def _send(client, run_id: str, records: list[dict]) -> None:
+    """Send one record, or a run of metrics records as one log_batch per 1000 metrics."""
+    if records[0]["kind"] == "metrics":
+        metrics = [Metric(k, float(v), r["timestamp"], r["step"])
+                   for r in records for k, v in r["metrics"].items()]
+        for i in range(0, len(metrics), METRIC_BATCH):
+            client.log_batch(run_id, metrics=metrics[i:i + METRIC_BATCH])
+        return
+    rec = records[0]
+    kind = rec["kind"]
+    if kind in ("image", "artifact") and not Path(rec["path"]).exists():
+        raise ValueError(f"{rec['path']}: file not found")
+    if kind == "image":
+        from PIL import Image
+        try:
+            with Image.open(rec["path"]) as img:
+                img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+        except OSError as err:
+            raise ValueError(f"{rec['path']}: not an image ({err})") from None
+        client.log_image(run_id, img, key=rec["key"], step=rec["step"], timestamp=rec["timestamp"])
+    elif kind == "artifact" and Path(rec["path"]).is_dir():
+        client.log_artifacts(run_id, rec["path"], rec.get("artifact_path"))
+    elif kind == "artifact":
+        client.log_artifact(run_id, rec["path"], rec.get("artifact_path"))
+    elif kind == "text":
+        client.log_text(run_id, rec["text"], rec["artifact_file"])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in rec["tags"].items()])
+    elif kind == "status":
+        client.set_terminated(run_id, rec["status"])
+    else:
+        raise ValueError(f"unknown record kind {kind!r}")
+    if rec.get("owned"):  # a log_text file the spool wrote: no longer needed
+        Path(rec["path"]).unlink(missing_ok=True)
+        for folder in (Path(rec["path"]).parent, Path(rec["path"]).parent.parent):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _replay_file(client, run_id: str, spool: Path) -> tuple[int, Exception | None]:
+    """Send a spool in order; on a transient failure keep the unsent records. -> (sent, error)."""
+    records = []
+    for n, line in enumerate(spool.read_text().splitlines() if spool.exists() else [], 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short when the process died mid-write
+            logger.warning("%s:%d: skipping an unreadable spool line", spool, n)
+    sent, i = 0, 0
+    while i < len(records):
+        j = i + 1   # consecutive metrics records go together (one request per 1000 metrics)
+        while records[i]["kind"] == "metrics" and j < len(records) and j - i < 100 \
+                and records[j]["kind"] == "metrics":
+            j += 1
+        try:
+            _send(client, run_id, records[i:j])
+            sent += j - i
+        except Exception as err:
+            if not _is_permanent(err):
+                spool.write_text("".join(json.dumps(r) + "\n" for r in records[i:]))
+                return sent, err
+            logger.warning("dropping %d spooled %s record(s) for run %s: %s", j - i,
+                           records[i]["kind"], run_id, err)
+        i = j
+    spool.unlink(missing_ok=True)
+    return sent, None
+
+
+def replay_spool(uri: str, run_id: str, spool: Path) -> int:
+    """Replay a leftover spool file; removes it when everything went through. -> records sent."""
+    sent, err = _replay_file(_client(uri), run_id, Path(spool))
+    if err is not None:
+        logger.warning("replayed %d records of %s, then failed (%s); the rest stays there",
+                       sent, spool, _short(err))
+    return sent
+
+
+def _short(err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+class Tracker:
+    """Rank-0 logging into one run: never raises, spools records while the server is away."""
+
+    def __init__(self, uri: str, run_id: str, spool: Path, retry_every_s: float = 30.0,
+                 client=None):
+        # Fail fast (MLflow's default is 7 retries with exponential backoff, minutes per call);
+        # mlflow reads these per request. A user's own setting wins.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.uri, self.run_id, self.spool = uri, run_id, Path(spool)
+        self.retry_every_s = retry_every_s
+        self.client = client if client is not None else _client(uri)
+        self.offline = False
+        self._next_try = 0.0
+        self._pending = self.spool.exists()   # a spool left by an earlier process is replayed too
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self._submit({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
+                      "metrics": {k: float(v) for k, v in metrics.items()}})
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """A PNG as an MLflow image (``images/<key>+step+<step>...``, step slider in the UI)."""
+        self._submit({"kind": "image", "path": str(Path(path).resolve()), "key": key,
+                      "step": int(step), "timestamp": int(time.time() * 1000)})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._submit({"kind": "artifact", "path": str(Path(path).resolve()),
+                      "artifact_path": artifact_path})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._submit({"kind": "text", "text": text, "artifact_file": artifact_file})
+
+    def set_tags(self, tags: dict) -> None:
+        self._submit({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def flush(self) -> bool:
+        """Try to replay the spool now (ignoring the retry interval). True when nothing is pending."""
+        try:
+            if self._pending:
+                self._replay()
+        except Exception:  # e.g. the spool's disk is gone; never raise into training
+            logger.exception("replaying %s failed", self.spool)
+        return not self._pending
+
+    def close(self, status: str | None = None) -> bool:
+        """Flush, then end the run with ``status`` (spooled too if the server is away)."""
+        if status is not None:
+            self._next_try = 0.0
+            self._submit({"kind": "status", "status": status})
+        return self.flush()
+
+    def _submit(self, record: dict) -> None:
+        try:
+            if self.offline and time.monotonic() < self._next_try:
+                self._append(record)
+                return
+            if self._pending and not self._replay():
+                self._append(record)
+                return
+            try:
+                _send(self.client, self.run_id, [record])
+                self.offline = False
+            except Exception as err:
+                if _is_permanent(err):
+                    logger.warning("dropping %s record for run %s: %s", record["kind"],
+                                   self.run_id, _short(err))
+                    return
+                self._go_offline(err)
+                self._append(record)
+        except Exception:  # last resort: tracking must never stop training
+            logger.exception("tracking record lost for run %s", self.run_id)
+
+    def _replay(self) -> bool:
+        sent, err = _replay_file(self.client, self.run_id, self.spool)
+        if err is not None:
+            self._go_offline(err)
+            return False
+        self._pending = False
+        if self.offline or sent:
+            logger.warning("MLflow tracking at %s back online, replayed %d records for run %s",
+                           self.uri, sent, self.run_id)
+        self.offline = False
+        return True
+
+    def _go_offline(self, err: Exception) -> None:
+        if not self.offline:
+            warnings.warn(f"MLflow tracking at {self.uri} unreachable ({_short(err)}); spooling "
+                          f"to {self.spool}, retrying every {self.retry_every_s:g} s",
+                          TrackingOfflineWarning, stacklevel=4)
+        self.offline = True
+        self._next_try = time.monotonic() + self.retry_every_s
+
+    def _append(self, record: dict) -> None:
+        if record["kind"] == "text":  # the spool keeps artifacts as files
+            folder = self.spool.with_name(self.spool.name + ".files") / uuid.uuid4().hex[:12]
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / Path(record["artifact_file"]).name
+            path.write_text(record["text"])
+            parent = str(Path(record["artifact_file"]).parent)
+            record = {"kind": "artifact", "path": str(path), "owned": True,
+                      "artifact_path": None if parent == "." else parent}
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._pending = True

@@ -1,0 +1,220 @@
+"""One sweep trial under Ray: a thin Tune driver that launches a Ray Train ``TorchTrainer``.
+
+``train_driver`` is the Tune function trainable (Train V2 cannot be handed to a Tuner directly). It
+finds or creates the trial's MLflow child run, runs ``train_worker`` on ``scaling.num_workers`` ranks
+(gloo on CPU, NCCL on GPU), and turns the outcome into one final Tune result. It is idempotent: a
+trial whose ``result.json`` exists is reported again and not rerun, and the Train run has a
+deterministic name under the sweep folder, so a restarted trial resumes from its last checkpoint.
+
+``train_worker`` runs ``trainers.loop.train`` unchanged on every rank. Rank 0 alone logs to MLflow
+(through ``orchestrator.tracking.Tracker``, which spools while MLflow is unreachable) and uploads
+checkpoints; every rank calls ``ray.train.report`` at the same steps, as Train V2 requires.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import ray.train
+import ray.tune
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator import tracking
+
+RESULT = "result.json"        # a finished trial's final metrics (its presence means: do not rerun)
+FAILURE = "failure.json"      # written by rank 0 when the loss became non-finite
+FINAL = "final.json"          # rank 0's final metrics, read back by the driver
+ATTEMPTS = "attempts.jsonl"   # one line per (re)start of the worker group: pid, start step
+
+
+class TrialError(RuntimeError):
+    """A trial that cannot succeed as configured (non-finite loss, exhausted restarts)."""
+
+
+def trial_dir(sweep: dict, key: str) -> Path:
+    return Path(sweep["sweep_dir"]) / "trials" / key
+
+
+def _append_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _setup_device(use_gpu: bool, cpus_per_worker: float):
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus_per_worker)))
+    if use_gpu:
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def train_worker(loop_config: dict) -> None:
+    """Every rank: build the run, resume from Ray's checkpoint if any, train, report."""
+    from orchestrator.config import from_dict
+    from trainers.checkpoint import load_generator, read_meta
+    from trainers.loop import Hooks, train
+    from trainers.state import build_context
+
+    rank = ray.train.get_context().get_world_rank()
+    sweep, key = loop_config["sweep"], loop_config["key"]
+    tdir = trial_dir(sweep, key)
+    _setup_device(sweep["scaling"]["use_gpu"], sweep["scaling"]["cpus_per_worker"])
+    cfg = from_dict(loop_config["config"], f"trial {key}")
+    resolved = loop_config["config"]
+    ctx = build_context(cfg, progress=False)
+    evaluation = sweep["evaluation"]
+    tracker = None
+    if rank == 0:
+        tracker = tracking.Tracker(sweep["tracking_uri"], loop_config["run_id"], tdir / "spool.jsonl")
+    last_eval = {"images": 0}
+
+    def world_fid(path: Path) -> float:
+        from evaluators.world_eval import student_world_fid
+
+        net = load_generator(ctx.teacher, path, ctx.device)
+        track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
+        return student_world_fid(ctx.world, track, net, cfg.generator.init_mask_ratio,
+                                 cfg.generator.embed_noise, evaluation["num_images"],
+                                 seed=cfg.seed, device=ctx.device)
+
+    def report(step: int, metrics: dict, saved: Path | None) -> None:
+        metrics = {**metrics, "step": step}
+        if saved is not None and "world_fid" in evaluation["metrics"] and evaluation["num_images"]:
+            every = evaluation["every_images"]
+            due = step == cfg.train.steps or (every and metrics["images_seen"] - last_eval["images"] >= every)
+            if due:
+                metrics["eval/world_fid"] = last_eval["eval/world_fid"] = world_fid(saved)
+                last_eval["images"] = metrics["images_seen"]
+                tracker.log_metrics(step, {"eval/world_fid": metrics["eval/world_fid"]})
+        checkpoint = None
+        if saved is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(saved))
+            tracker.set_tags({"checkpoint.last": str(Path(sweep["sweep_dir"]) / "train" / key / saved.name)})
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=saved.name if saved is not None else None,
+                         delete_local_checkpoint_after_upload=True if saved is not None else None)
+
+    hooks = Hooks(report=report)
+    if tracker is not None:
+        hooks.on_metrics = tracker.log_metrics
+        hooks.on_grid = lambda path, step: tracker.log_image(path, "samples", step)
+
+    restored = ray.train.get_checkpoint()
+    try:
+        if restored is None:
+            start = 0
+            if rank == 0:
+                _append_json(tdir / ATTEMPTS, {"pid": os.getpid(), "start_step": 0, "time": time.time()})
+            result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False)
+        else:
+            with restored.as_directory() as path:
+                start = int(read_meta(path)["step"])
+                if rank == 0:
+                    _append_json(tdir / ATTEMPTS, {"pid": os.getpid(), "start_step": start,
+                                                   "time": time.time()})
+                result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False,
+                               resume_from=Path(path))
+    except FloatingPointError as err:
+        # Retrying a deterministic run would only reproduce the NaN: record it, end cleanly, and
+        # let the driver fail the trial. No checkpoint was written for the bad step.
+        if rank == 0:
+            (tdir / FAILURE).write_text(json.dumps({"error": str(err)}))
+            tracker.set_tags({"error": str(err)})
+            tracker.close()
+        return
+    if rank == 0:
+        final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        final.update({k: v for k, v in last_eval.items() if k.startswith("eval/")})
+        final.update(step=result.step, resumed_from_step=start)
+        staging = Path(cfg.output_dir) / "checkpoints"   # Ray moved every checkpoint to train/
+        if staging.is_dir() and not any(staging.iterdir()):
+            staging.rmdir()
+        if "ddp/max_param_spread" in final:
+            tracker.log_metrics(result.step, {"ddp/max_param_spread": final["ddp/max_param_spread"]})
+        (tdir / FINAL).write_text(json.dumps(final, indent=2, sort_keys=True))
+        tracker.close()
+
+
+def _run_name(trial: dict) -> str:
+    return f"{trial['key']} {trial['label']}"
+
+
+def _params(trial: dict, sweep: dict) -> dict:
+    scaling = sweep["scaling"]
+    params = tracking.flatten_params(trial["config"])
+    params["scaling.num_workers"] = str(scaling["num_workers"])
+    params["train.global_batch_size"] = str(trial["config"]["train"]["batch_size"] * scaling["num_workers"])
+    return params
+
+
+def _trainer(trial: dict, sweep: dict, run_id: str) -> TorchTrainer:
+    scaling = sweep["scaling"]
+    resources = {"CPU": scaling["cpus_per_worker"]}
+    if scaling["use_gpu"]:
+        resources["GPU"] = scaling["gpus_per_worker"]
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"sweep": sweep, "key": trial["key"], "config": trial["config"],
+                           "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling["num_workers"],
+                                               use_gpu=scaling["use_gpu"],
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=trial["key"],                                  # deterministic: restarts resume
+            storage_path=str(Path(sweep["sweep_dir"]) / "train"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=trial["config"]["train"]["keep_checkpoints"]),
+            failure_config=ray.train.FailureConfig(max_failures=sweep["max_failures"]),
+            callbacks=[TuneReportCallback()],
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(scaling["cpus_per_worker"])))}},
+        ),
+    )
+
+
+def train_driver(config: dict, sweep: dict) -> None:
+    """The Tune trainable of one trial (``config["trial"]`` is one entry of the expanded sweep)."""
+    trial = config["trial"]
+    key = trial["key"]
+    tdir = trial_dir(sweep, key)
+    uri = sweep["tracking_uri"]
+    if (tdir / RESULT).is_file():        # finished before an interruption: report, do not rerun
+        ray.tune.report(json.loads((tdir / RESULT).read_text()))
+        return
+    if (tdir / FAILURE).is_file():
+        raise TrialError(f"trial {key}: {json.loads((tdir / FAILURE).read_text())['error']}")
+    run_id = tracking.get_or_create_child(
+        uri, sweep["experiment_id"], sweep["parent_id"], sweep["name"], key, _run_name(trial),
+        _params(trial, sweep), tags={tracking.TAG_RAY_TRIAL: ray.tune.get_context().get_trial_id()})
+    tdir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    tracking.Tracker(uri, run_id, tdir / "spool.jsonl").log_text(
+        yaml.safe_dump(trial["config"], sort_keys=False), "config.yaml")
+    try:
+        result = _trainer(trial, sweep, run_id).fit()
+    except Exception as err:   # TrainingFailedError and friends: restarts exhausted
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise TrialError(f"trial {key}: training failed after {sweep['max_failures']} restart(s): "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if (tdir / FAILURE).is_file():
+        error = json.loads((tdir / FAILURE).read_text())["error"]
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise TrialError(f"trial {key}: {error}")
+    tracking.replay_spool(uri, run_id, tdir / "spool.jsonl")
+    final = json.loads((tdir / FINAL).read_text())
+    if result.checkpoint is not None:
+        final["checkpoint"] = result.checkpoint.path
+        tracking.Tracker(uri, run_id, tdir / "spool.jsonl").set_tags(
+            {"checkpoint.final": result.checkpoint.path})
+    final["mlflow_run_id"] = run_id
+    (tdir / RESULT).write_text(json.dumps(final, indent=2, sort_keys=True))
+    tracking.finish_run(uri, run_id, "FINISHED")
+    ray.tune.report(final)
