@@ -130,7 +130,10 @@ def _scheduler(spec: SweepSpec):
         # time is measured in images seen, so runs with different batch sizes compare fairly
         return ASHAScheduler(time_attr="images_seen", metric=spec.file.metric, mode=spec.file.mode,
                              grace_period=s.grace_period, max_t=s.max_t,
-                             reduction_factor=s.reduction_factor)
+                             reduction_factor=s.reduction_factor,
+                             # a trial that reaches max_t finishes itself (final checkpoint,
+                             # result, MLflow status) instead of being cut at its last report
+                             stop_last_trials=False)
     return FIFOScheduler()
 
 
@@ -228,12 +231,10 @@ def run_sweep(spec: SweepSpec, args) -> int:
         for r in rows:
             if r["error"]:
                 print(f"{r['key']}: {r['error']}", file=sys.stderr)
-        for trial in spec.trials:
-            spool = trial_dir(sweep_ctx, trial.key) / "spool.jsonl"
-            if spool.is_file():
-                print(f"{trial.key}: replaying {spool}", file=sys.stderr)
+        _replay_spools(spec, uri, parent_id, sweep_ctx)
+        _close_stopped(rows, uri, parent_id)
         parent.log_text(table + "\n", "results.txt")
-        failed = any(r["status"] != "DONE" for r in rows)
+        failed = any(r["status"] == "ERROR" for r in rows)
         parent.close("FAILED" if failed else "FINISHED")
     finally:
         if server is not None:
@@ -245,6 +246,37 @@ def run_sweep(spec: SweepSpec, args) -> int:
         print(f"\nMLflow: {uri} (experiment {spec.file.tracking.experiment!r}, run sweep:{spec.file.name})")
     print(f"sweep folder: {spec.sweep_dir}")
     return 1 if failed else 0
+
+
+def _replay_spools(spec: SweepSpec, uri: str, parent_id: str, sweep_ctx: dict) -> None:
+    """Send what trials spooled while MLflow was unreachable and could not replay themselves."""
+    from orchestrator import tracking
+    from orchestrator.trial import trial_dir
+
+    runs = None
+    for trial in spec.trials:
+        spool = trial_dir(sweep_ctx, trial.key) / "spool.jsonl"
+        if not spool.is_file():
+            continue
+        if runs is None:
+            runs = {r.data.tags.get(tracking.TAG_TRIAL): r.info.run_id
+                    for r in tracking.children(uri, parent_id)}
+        if trial.key in runs:
+            sent = tracking.replay_spool(uri, runs[trial.key], spool)
+            print(f"{trial.key}: replayed {sent} tracking records spooled during an outage")
+
+
+def _close_stopped(rows: list[dict], uri: str, parent_id: str) -> None:
+    """Trials the scheduler stopped early (ASHA) end as KILLED in MLflow, not as running forever."""
+    from orchestrator import tracking
+
+    stopped = {r["key"] for r in rows if r["status"] == "STOPPED"}
+    if not stopped:
+        return
+    for run in tracking.children(uri, parent_id):
+        # a stop interrupts the trial's Train run, which may already have marked it FAILED
+        if run.data.tags.get(tracking.TAG_TRIAL) in stopped and run.info.status != "KILLED":
+            tracking.finish_run(uri, run.info.run_id, "KILLED")
 
 
 def _trial_json(trial) -> dict:

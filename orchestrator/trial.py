@@ -13,6 +13,7 @@ checkpoints; every rank calls ``ray.train.report`` at the same steps, as Train V
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -63,6 +64,10 @@ def train_worker(loop_config: dict) -> None:
     from trainers.state import build_context
 
     rank = ray.train.get_context().get_world_rank()
+    # open_clip logs one INFO line per loaded file, Train one per report with every metric: the
+    # trial table and MLflow show those already
+    for name in ("", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     sweep, key = loop_config["sweep"], loop_config["key"]
     tdir = trial_dir(sweep, key)
     _setup_device(sweep["scaling"]["use_gpu"], sweep["scaling"]["cpus_per_worker"])
@@ -149,6 +154,8 @@ def _run_name(trial: dict) -> str:
 def _params(trial: dict, sweep: dict) -> dict:
     scaling = sweep["scaling"]
     params = tracking.flatten_params(trial["config"])
+    # the searched keys as written in the sweep file, so that e.g. reward.terms.1.weight is a column
+    params.update({key: str(value) for key, value in trial["overrides"].items()})
     params["scaling.num_workers"] = str(scaling["num_workers"])
     params["train.global_batch_size"] = str(trial["config"]["train"]["batch_size"] * scaling["num_workers"])
     return params
@@ -201,20 +208,24 @@ def train_driver(config: dict, sweep: dict) -> None:
     try:
         result = _trainer(trial, sweep, run_id).fit()
     except Exception as err:   # TrainingFailedError and friends: restarts exhausted
-        tracking.finish_run(uri, run_id, "FAILED")
+        _finish(uri, run_id, tdir, "FAILED")
         raise TrialError(f"trial {key}: training failed after {sweep['max_failures']} restart(s): "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if (tdir / FAILURE).is_file():
         error = json.loads((tdir / FAILURE).read_text())["error"]
-        tracking.finish_run(uri, run_id, "FAILED")
+        _finish(uri, run_id, tdir, "FAILED")
         raise TrialError(f"trial {key}: {error}")
-    tracking.replay_spool(uri, run_id, tdir / "spool.jsonl")
     final = json.loads((tdir / FINAL).read_text())
+    tracker = tracking.Tracker(uri, run_id, tdir / "spool.jsonl")   # replays a leftover spool
     if result.checkpoint is not None:
         final["checkpoint"] = result.checkpoint.path
-        tracking.Tracker(uri, run_id, tdir / "spool.jsonl").set_tags(
-            {"checkpoint.final": result.checkpoint.path})
+        tracker.set_tags({"checkpoint.final": result.checkpoint.path})
     final["mlflow_run_id"] = run_id
     (tdir / RESULT).write_text(json.dumps(final, indent=2, sort_keys=True))
-    tracking.finish_run(uri, run_id, "FINISHED")
+    tracker.close("FINISHED")
     ray.tune.report(final)
+
+
+def _finish(uri: str, run_id: str, tdir: Path, status: str) -> None:
+    """End the MLflow run; while MLflow is away the status is spooled like everything else."""
+    tracking.Tracker(uri, run_id, tdir / "spool.jsonl").close(status)

@@ -149,6 +149,7 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
             "world_size": dist.world_size()}
     t = cfg.train
     last_ckpt, grid, metrics, diagnostics = latest, None, {}, {}
+    wrote_any = latest is not None     # the same on every rank (only rank 0 gets paths back)
     bar = tqdm(total=t.steps, initial=st.step, desc="soft-dimo", unit="step",
                disable=not (progress and main), dynamic_ncols=True)
     while st.step < t.steps:
@@ -172,6 +173,7 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
             saved = ckpt.save_checkpoint(st, output_dir, meta, keep=t.keep_checkpoints,
                                          rng_states=ckpt.rank_rng_states(st))
             last_ckpt = saved or last_ckpt
+            wrote_any = True
             if saved is not None and hooks.on_checkpoint:
                 hooks.on_checkpoint(saved, {"step": st.step, "images_seen": st.images_seen})
         if main and ((t.sample_every and st.step % t.sample_every == 0) or st.step == t.steps):
@@ -183,7 +185,7 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
         if hooks.report and (log_now or save_now):
             hooks.report(st.step, metrics, saved)
     bar.close()
-    if last_ckpt is None:   # resumed at or past the final step: nothing left to do
+    if not wrote_any:   # resumed at or past the final step: nothing left to do
         last_ckpt = ckpt.save_checkpoint(st, output_dir, meta, keep=t.keep_checkpoints,
                                          rng_states=ckpt.rank_rng_states(st))
     final = {**metrics, **diagnostics}

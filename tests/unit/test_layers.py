@@ -34,3 +34,17 @@ def test_lower_layers_never_import_upper_ones_or_ray_mlflow(package):
         roots = imported_roots(file)
         assert not roots & {"ray", "mlflow"}, file
         assert roots & project <= LAYERS[package] | {package}, (file, roots & project)
+
+
+# Ray lives at the orchestration edge, MLflow in the one tracking module (the design card).
+RAY_EDGE = {"sweep.py", "trial.py"}
+MLFLOW_EDGE = {"tracking.py"}
+
+
+def test_ray_and_mlflow_stay_at_their_edges():
+    for file in (ROOT / "orchestrator").rglob("*.py"):
+        roots = imported_roots(file)
+        if "mlflow" in roots:
+            assert file.name in MLFLOW_EDGE, file
+        if "ray" in roots:
+            assert file.name in RAY_EDGE, file

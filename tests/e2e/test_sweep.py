@@ -1,0 +1,226 @@
+"""Sweeps end to end: real Ray (Tune + Train, num_cpus=2), a real MLflow store, the test world.
+
+Each trial is a Ray Train run of the real trainer; these tests check files, MLflow runs and metrics,
+never timings.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import sweep, tracking
+from orchestrator.config import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+# gan_mask runs in test_default_tracking_server_resume_and_report (with the same checks)
+SHIPPED = ["gan_weight", "clip_weight", "temperature", "embedding"]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def ray_session(test_world):
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "SOFTDIMO_CACHE": os.environ["SOFTDIMO_CACHE"]}})
+    yield
+    ray.shutdown()
+
+
+def tiny(out: Path, *extra: str, sqlite: bool = True) -> list:
+    """Overrides that shrink any sweep to the test world and two steps per trial."""
+    args = ["world.spec=test", "train.steps=2", "train.checkpoint_every=1", "train.log_every=1",
+            "train.grid_size=4", "train.batch_size=8", "sweep.evaluation.num_images=32",
+            f"sweep.output_dir={out}", "sweep.max_concurrent_trials=2", "--quiet", *extra]
+    if sqlite:
+        args.append(f"sweep.tracking.uri=sqlite:///{out}/mlflow.db")
+    return args
+
+
+def one_trial_sweep(path: Path, name: str, search: dict, **extra) -> Path:
+    body = {"name": name, "preset": str(ROOT / "sweeps/presets/tiny_c2i.yaml"), "search": search,
+            "evaluation": {"num_images": 0, "metrics": []}, "metric": "loss/dimo", **extra}
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def results(sweep_dir: Path) -> dict:
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    out = {}
+    for t in state["trials"]:
+        done = sweep_dir / "trials" / t["key"] / "result.json"
+        out[t["key"]] = json.loads(done.read_text()) if done.is_file() else None
+    return out
+
+
+def mlflow_children(uri: str, name: str) -> list:
+    parent = tracking.find_parent(uri, "softdimo", name)
+    return tracking.children(uri, parent.info.run_id)
+
+
+def check_shipped(sweep_dir: Path, uri: str) -> None:
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    found = results(sweep_dir)
+    assert len(found) == len(state["trials"]) >= 2
+    for key, result in found.items():
+        assert result is not None, key
+        assert result["step"] == 2 and result["images_seen"] == 16
+        assert (Path(result["checkpoint"]) / "meta.json").is_file()
+        assert result["eval/world_fid"] >= 0.0
+    runs = mlflow_children(uri, sweep_dir.name)
+    assert [r.data.tags["softdimo.trial"] for r in runs] == sorted(found)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run, trial in zip(runs, state["trials"]):
+        for key, value in trial["overrides"].items():
+            assert run.data.params[key] == str(value), key   # the searched value is the logged param
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_sweep_runs_two_steps_per_trial(name, tmp_path, ray_session):
+    assert sweep.main([str(ROOT / f"sweeps/{name}.yaml"), *tiny(tmp_path)]) == 0
+    check_shipped(tmp_path / name, f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_default_tracking_server_resume_and_report(tmp_path, ray_session):
+    """gan_mask with the default local MLflow server; then --resume reruns nothing; then a report."""
+    from orchestrator import report
+
+    args = [str(ROOT / "sweeps/gan_mask.yaml"), *tiny(tmp_path, sqlite=False)]
+    assert sweep.main(args) == 0
+    uri = tracking.sqlite_uri(tmp_path / "mlflow")
+    check_shipped(tmp_path / "gan_mask", uri)
+    runs = mlflow_children(uri, "gan_mask")
+    assert len(runs) == 3
+    run = runs[1]
+    assert run.data.params["gan.mask_range"] == "[0.0, 0.5]"
+    assert run.data.params["train.global_batch_size"] == "8"
+    assert len(run.data.params) > 40                              # every resolved config value
+    assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "loss/dimo")] == [1, 2]
+    artifacts = {a.path for a in tracking._client(uri).list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "images"} <= artifacts
+    assert Path(run.data.tags["checkpoint.final"]).name == "step_00000002"
+    attempts = {k: (tmp_path / "gan_mask/trials" / k / "attempts.jsonl").read_text() for k in ("t000", "t001", "t002")}
+
+    with pytest.raises(UserError, match="already exists"):
+        sweep.main(args)
+    assert sweep.main(args + ["--resume"]) == 0
+    again = mlflow_children(uri, "gan_mask")
+    assert [r.info.run_id for r in again] == [r.info.run_id for r in runs]   # no duplicates
+    for k, text in attempts.items():                                         # nothing retrained
+        assert (tmp_path / "gan_mask/trials" / k / "attempts.jsonl").read_text() == text
+
+    assert report.main(["gan_mask", "--output-dir", str(tmp_path)]) in (0, None)
+    out = tmp_path / "gan_mask" / "report"
+    assert (out / "loss_dimo.png").is_file() and (out / "results.csv").is_file()
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 4   # header + 3 trials
+
+
+def test_two_worker_gloo_trial_keeps_parameters_identical(tmp_path, ray_session):
+    path = one_trial_sweep(tmp_path / "ddp.yaml", "ddp", {"seed": {"grid": [0]}})
+    assert sweep.main([str(path), *tiny(tmp_path), "train.steps=3", "sweep.scaling.num_workers=2",
+                       "sweep.scaling.cpus_per_worker=0.5"]) == 0
+    result = results(tmp_path / "ddp")["t000"]
+    assert result["ddp/world_size"] == 2.0
+    assert result["ddp/max_param_spread"] == 0.0
+    assert result["images_seen"] == 3 * 8 * 2                  # global batch = 8 per worker x 2
+    run = mlflow_children(f"sqlite:///{tmp_path}/mlflow.db", "ddp")[0]
+    assert run.data.params["train.global_batch_size"] == "16"
+    assert run.data.params["scaling.num_workers"] == "2"
+
+
+def _kill_after_first_checkpoint(trial_root: Path, attempts: Path, killed: list) -> None:
+    snapshot = trial_root / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            committed = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
+            committed = []
+        if committed and attempts.is_file():
+            pid = json.loads(attempts.read_text().splitlines()[-1])["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(committed[-1]["checkpoint_dir_name"])
+            return
+        time.sleep(0.05)
+
+
+def test_sigkilled_worker_resumes_from_its_last_checkpoint(tmp_path, ray_session):
+    path = one_trial_sweep(tmp_path / "kill.yaml", "kill", {"seed": {"grid": [0]}})
+    killed = []
+    killer = threading.Thread(target=_kill_after_first_checkpoint, daemon=True, args=(
+        tmp_path / "kill/train/t000", tmp_path / "kill/trials/t000/attempts.jsonl", killed))
+    killer.start()
+    assert sweep.main([str(path), *tiny(tmp_path), "train.steps=150", "train.checkpoint_every=10",
+                       "train.log_every=10", "sweep.failure.max_failures=2"]) == 0
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    attempts = [json.loads(line) for line in
+                (tmp_path / "kill/trials/t000/attempts.jsonl").read_text().splitlines()]
+    assert len(attempts) == 2 and attempts[0]["pid"] != attempts[1]["pid"]
+    assert attempts[1]["start_step"] >= int(killed[0].split("_")[1]) > 0   # resumed, not restarted
+    result = results(tmp_path / "kill")["t000"]
+    assert result["step"] == 150 and result["resumed_from_step"] == attempts[1]["start_step"]
+
+
+def test_nan_trial_fails_clearly_and_the_others_finish(tmp_path, ray_session):
+    path = one_trial_sweep(tmp_path / "nan.yaml", "nan", {"train.lr_generator": {"grid": [1e-4, 1e6]}})
+    assert sweep.main([str(path), *tiny(tmp_path), "train.steps=6", "train.batch_size=32"]) == 1
+    found = results(tmp_path / "nan")
+    assert found["t000"]["step"] == 6
+    assert found["t001"] is None
+    failure = json.loads((tmp_path / "nan/trials/t001/failure.json").read_text())
+    assert "non-finite" in failure["error"] and "step 3" in failure["error"]
+    kept = sorted(p.name for p in (tmp_path / "nan/train/t001").glob("step_*"))
+    assert kept[-1] == "step_00000002"                            # the last good checkpoint stays
+    runs = {r.data.tags["softdimo.trial"]: r for r in mlflow_children(f"sqlite:///{tmp_path}/mlflow.db", "nan")}
+    assert runs["t000"].info.status == "FINISHED" and runs["t001"].info.status == "FAILED"
+
+
+def test_cli_dry_run_and_bad_input_without_ray(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    ok = subprocess.run([sys.executable, "-m", "orchestrator.sweep", "sweeps/gan_weight.yaml",
+                         "--dry-run", "train.steps=7"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    for key in ("t000", "t001", "t002", "t003"):
+        assert key in ok.stdout
+    assert "steps: 7" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "preset": str(ROOT / "sweeps/presets/tiny_c2i.yaml"),
+                                   "search": {"gan.weight": {"grid": []}}}))
+    err = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(bad)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert err.returncode == 2
+    assert err.stderr.count("\n") == 1 and "Traceback" not in err.stderr
+    assert str(bad) in err.stderr and "search.gan.weight" in err.stderr
+
+
+def test_asha_stops_trials_early_and_frees_their_resources(tmp_path, ray_session):
+    import ray
+
+    path = one_trial_sweep(tmp_path / "asha.yaml", "asha",
+                           {"train.lr_generator": {"grid": [1e-4, 3e-2, 1e-1, 3e-1]}},
+                           # a larger step size collapses the student's entropy sooner: later
+                           # trials fall below the rung's median and are stopped
+                           metric="diag/entropy", mode="max", scheduler={"type": "asha", "grace_period": 16, "max_t": 64,
+                                                  "reduction_factor": 2})
+    assert sweep.main([str(path), *tiny(tmp_path), "train.steps=8", "train.checkpoint_every=4",
+                       "sweep.max_concurrent_trials=1"]) == 0
+    found = results(tmp_path / "asha")
+    done = [k for k, r in found.items() if r is not None]
+    stopped = [k for k, r in found.items() if r is None]
+    assert done and stopped                                   # ASHA let some run and cut others
+    assert all(found[k]["step"] == 8 for k in done)
+    runs = {r.data.tags["softdimo.trial"]: r for r in mlflow_children(f"sqlite:///{tmp_path}/mlflow.db", "asha")}
+    assert {runs[k].info.status for k in stopped} == {"KILLED"}
+    deadline = time.time() + 60                               # stopped trials' placement groups go
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == 2
