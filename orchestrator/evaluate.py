@@ -1,21 +1,30 @@
-"""World-FID of a trained checkpoint, or of a world teacher at several sampling step counts.
+"""Score checkpoints with the paper's metrics, outside a sweep (the evaluator pool's code, in-process).
 
-    python -m orchestrator.evaluate runs/tiny_c2i --num 2000
-    python -m orchestrator.evaluate runs/tiny_c2i --temperatures 1,2,4      # best of a sweep
+    python -m orchestrator.evaluate runs/tiny_c2i --metrics world_fid,world_clip --num 2000
+    python -m orchestrator.evaluate runs/tiny_c2i --temperatures 0.5,1,2      # the best is reported
+    python -m orchestrator.evaluate gan_mask --metrics world_fid               # every trial of a sweep
+    python -m orchestrator.evaluate 3f2a...e9 --metrics clip,hps_v21,imagereward   # an MLflow run
+    python -m orchestrator.evaluate CKPT --metrics fid5k,is,prdc --weights inception=/w/pt_inc.pth
     python -m orchestrator.evaluate --teacher world_c2i --steps 1,2,4,8,16 --cfg 2
 
-Images are generated with fixed seeds and fixed, balanced conditions and compared with the world's
-held-out reference images through the world's feature network. Results print as a table and, with
---out, are written as JSON.
+The target is a checkpoint directory (or a run folder: its latest checkpoint), a sweep (its name under
+--output-dir, or its folder: each trial's final checkpoint) or an MLflow run id (its
+``checkpoint.final`` tag). Results of a sweep or run go into the trial's MLflow run at the
+checkpoint's step. Generation uses the EMA weights, a fixed seed and fixed, balanced conditions.
+
+Metrics: world_fid, world_clip, geneval_world (embedded world); fid5k, fid50k, is, prdc, clip, hps,
+hps_v21, pickscore, imagereward, geneval (real networks: weights staged under $SOFTDIMO_WEIGHTS or
+given with --weights KEY=PATH; a missing file is named in a one-line error).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator.config import UserError, from_dict, run_cli
+from orchestrator.config import UserError, run_cli
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -31,78 +40,159 @@ def _floats(text: str, name: str) -> list[float]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory or a run's output_dir")
+    p.add_argument("target", nargs="?", help="checkpoint dir | run folder | sweep name or folder | MLflow run id")
+    p.add_argument("--metrics", default="world_fid", help="comma-separated metric names (see above)")
+    p.add_argument("--num", type=int, default=2000, help="images per metric without a fixed count")
+    p.add_argument("--temperatures", default="1", help="sampling temperatures; the best is reported")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", nargs="*", default=[], metavar="KEY=PATH",
+                   help="explicit weight paths, e.g. inception=/w/pt_inception.pth")
+    p.add_argument("--reference", default=None, help="FID reference npz (mu, sigma[, arr_0])")
+    p.add_argument("--output-dir", default="runs/sweeps", help="where sweeps live (for a sweep name)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the sweeps' local store)")
+    p.add_argument("--no-log", action="store_true", help="do not write results to MLflow")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--teacher", choices=("world_c2i", "world_t2i"),
-                   help="evaluate a world teacher instead of a checkpoint")
+                   help="world-FID of a world teacher at several step counts instead")
     p.add_argument("--steps", default="1,2,4,8,16", help="teacher sampling steps (with --teacher)")
     p.add_argument("--cfg", type=float, default=2.0, help="teacher CFG weight (with --teacher)")
-    p.add_argument("--randomize", type=float, default=4.5,
-                   help="teacher Gumbel confidence randomisation (with --teacher)")
-    p.add_argument("--temperatures", default="1", help="sampling temperatures; the best is reported")
-    p.add_argument("--argmax", action="store_true", help="student: argmax tokens instead of sampling")
-    p.add_argument("--num", type=int, default=2000, help="images to generate (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", default="full", choices=("full", "test"), help="world (with --teacher)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if bool(args.checkpoint) == bool(args.teacher):
-        raise UserError("give either a checkpoint or --teacher")
+def _targets(args) -> list[tuple[str, Path, str | None, int | None]]:
+    """-> [(name, checkpoint dir, MLflow run id or None, step or None)]."""
+    from orchestrator.generate import find_checkpoint
+    from trainers.checkpoint import read_meta
+
+    path = Path(args.target)
+    sweep_dir = path if (path / "sweep.json").is_file() else Path(args.output_dir) / args.target
+    if (sweep_dir / "sweep.json").is_file():
+        out = []
+        for trial in json.loads((sweep_dir / "sweep.json").read_text())["trials"]:
+            result = sweep_dir / "trials" / trial["key"] / "result.json"
+            if not result.is_file():
+                print(f"{trial['key']}: not finished, skipped")
+                continue
+            r = json.loads(result.read_text())
+            out.append((f"{trial['key']} {trial['label']}", Path(r["checkpoint"]), r["mlflow_run_id"], r["step"]))
+        if not out:
+            raise UserError(f"{args.target}: no finished trial in {sweep_dir}")
+        return out
+    if re.fullmatch(r"[0-9a-f]{32}", args.target) and not path.exists():
+        from orchestrator import tracking
+
+        run = tracking._client(_uri(args)).get_run(args.target)
+        final = run.data.tags.get("checkpoint.final")
+        if not final:
+            raise UserError(f"{args.target}: MLflow run has no checkpoint.final tag")
+        ckpt = Path(final)
+        return [(run.info.run_name, ckpt, args.target, int(read_meta(ckpt)["step"]))]
+    ckpt = find_checkpoint(args.target)
+    return [(ckpt.name, ckpt, None, None)]
+
+
+def _uri(args) -> str:
+    from orchestrator import tracking
+
+    if args.tracking_uri:
+        return args.tracking_uri
+    db = tracking.default_store(Path(args.output_dir)).resolve()
+    if not (db / "mlflow.db").is_file():
+        raise UserError(f"no MLflow store at {db}; pass --tracking-uri")
+    return tracking.sqlite_uri(db)
+
+
+def _settings(args):
+    from evaluators.suite import EvalSettings, check_metrics
+
+    try:
+        metrics = check_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
+    except ValueError as err:
+        raise UserError(f"--metrics: {err}") from None
+    paths = {}
+    for item in args.weights:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--weights: {item!r} is not KEY=PATH")
+        paths[key] = value
     if args.num < 2:
         raise UserError("--num must be at least 2")
-    temperatures = _floats(args.temperatures, "--temperatures")
+    return EvalSettings(metrics=metrics, num_images=args.num,
+                        temperatures=_floats(args.temperatures, "--temperatures"), seed=args.seed,
+                        reference=args.reference, paths=paths)
+
+
+def evaluate_checkpoints(args) -> list[dict]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from evaluators.suite import Evaluator
+    from evaluators.weights import WeightsMissing, set_offline_env
+    from trainers.state import resolve_device
+
+    set_offline_env()
+    settings = _settings(args)
+    targets = _targets(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=True)
+    except WeightsMissing as err:
+        raise UserError(str(err)) from None
+    rows = []
+    for name, ckpt, run_id, step in tqdm(targets, desc="checkpoints", disable=len(targets) < 2):
+        try:
+            metrics = evaluator.evaluate(ckpt)
+        except WeightsMissing as err:
+            raise UserError(str(err)) from None
+        rows.append({"name": name, "checkpoint": str(ckpt), "metrics": metrics})
+        print(f"{name}: " + "  ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if run_id and not args.no_log:
+            from orchestrator import tracking
+
+            tracker = tracking.Tracker(_uri(args), run_id, ckpt.parent / "evaluate_spool.jsonl")
+            tracker.log_metrics(step or 0, metrics)
+            tracker.close()
+    return rows
+
+
+def evaluate_teacher(args) -> list[dict]:
     import torch
 
-    from evaluators.world_eval import (eval_conditions, generate_images, student_sampler,
-                                       teacher_sampler, world_fid)
+    from evaluators.world_eval import eval_conditions, generate_images, teacher_sampler, world_fid
+    from softdimo.world.scenes import class_names
     from softdimo.world.store import load_world
     from trainers.state import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device("auto")
+    world = load_world(args.world, device=device)
+    track = args.teacher.split("_")[1]
+    teacher, reference = world.teacher(track), world.reference(track)
+    conds = eval_conditions(teacher, args.num, len(class_names()), reference.captions)
     rows = []
-    if args.teacher:
-        steps = [int(s) for s in _floats(args.steps, "--steps")]
-        device = resolve_device("auto")
-        world = load_world(args.world, device=device)
-        track = args.teacher.split("_")[1]
-        teacher = world.teacher(track)
-        samplers = {f"teacher {s} steps, cfg {args.cfg:g}, T {t:g}":
-                    teacher_sampler(teacher, s, args.cfg, t, args.randomize)
-                    for s in steps for t in temperatures}
-    else:
-        from orchestrator.generate import find_checkpoint
-        from trainers.checkpoint import load_generator, read_meta
-        from trainers.state import build_context
+    for steps in [int(s) for s in _floats(args.steps, "--steps")]:
+        for t in _floats(args.temperatures, "--temperatures"):
+            name = f"teacher {steps} steps, cfg {args.cfg:g}, T {t:g}"
+            images = generate_images(teacher_sampler(teacher, steps, args.cfg, t), teacher, conds,
+                                     args.seed, device=device, desc=name)
+            rows.append({"name": name, "metrics": {"eval/world_fid": world_fid(
+                world.features, images, reference.images, device=device)}})
+            print(f"{name:40s} world-FID {rows[-1]['metrics']['eval/world_fid']:8.3f}", flush=True)
+    return rows
 
-        path = find_checkpoint(args.checkpoint)
-        meta = read_meta(path)
-        cfg = from_dict(meta["config"], str(path / "meta.json"))
-        ctx = build_context(cfg)
-        device, teacher, world = ctx.device, ctx.teacher, ctx.world
-        track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
-        net = load_generator(teacher, path, device)
-        g = cfg.generator
-        samplers = {f"{path.name} EMA, T {t:g}" + (" argmax" if args.argmax else ""):
-                    student_sampler(teacher, net, g.init_mask_ratio, g.embed_noise, t, args.argmax)
-                    for t in (temperatures[:1] if args.argmax else temperatures)}
-    reference = world.reference(track)
-    conds = eval_conditions(teacher, args.num, 18, reference.captions)
-    for name, sample in samplers.items():
-        images = generate_images(sample, teacher, conds, args.seed, device=device, desc=name)
-        rows.append({"name": name, "world_fid": world_fid(world.features, images, reference.images,
-                                                          device=device)})
-        print(f"{name:48s} world-FID {rows[-1]['world_fid']:8.3f}", flush=True)
-    best = min(rows, key=lambda r: r["world_fid"])
-    print(f"best: {best['name']} world-FID {best['world_fid']:.3f} ({args.num} images)")
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if bool(args.target) == bool(args.teacher):
+        raise UserError("give either a target (checkpoint, sweep or MLflow run) or --teacher")
+    rows = evaluate_teacher(args) if args.teacher else evaluate_checkpoints(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"num": args.num, "seed": args.seed, "rows": rows,
-                                              "best": best}, indent=2))
+        Path(args.out).write_text(json.dumps({"num": args.num, "seed": args.seed, "rows": rows}, indent=2))
     return 0
 
 

@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     meta = read_meta(path)
     cfg = from_dict(meta["config"], str(path / "meta.json"))
-    ctx = build_context(cfg)
+    ctx = build_context(cfg, rewards=False)
     teacher = ctx.teacher
     net = load_generator(teacher, path, ctx.device)
     described, cond_source = conditions(args, teacher, ctx, class_names(ctx))

@@ -23,14 +23,16 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 from orchestrator.config import UserError, run_cli
 from orchestrator.sweep_config import SweepSpec, format_dry_run, load_sweep
 
-TABLE_METRICS = ("eval/world_fid", "loss/dimo", "loss/gan_generator", "loss/reward",
-                 "ema/entropy", "ddp/max_param_spread")
+TABLE_METRICS = ("eval/world_fid", "eval/world_clip", "eval/geneval_world", "eval/fid5k", "eval/fid50k",
+                 "eval/is", "eval/clip", "eval/hps_v21", "eval/imagereward", "eval/temperature",
+                 "loss/dimo", "loss/gan_generator", "loss/reward", "ema/entropy", "ddp/max_param_spread")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,6 +169,8 @@ def run_sweep(spec: SweepSpec, args) -> int:
     from ray import tune
 
     from orchestrator import tracking
+    from orchestrator.pool import EvalDispatch
+    from orchestrator.sweep_eval import finish_pool, latest_eval, start_pool
     from orchestrator.trial import RESULT, train_driver, trial_dir
 
     progress = not args.quiet
@@ -182,9 +186,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
             "name": spec.file.name, "sweep_dir": str(spec.sweep_dir), "tracking_uri": uri,
             "experiment_id": experiment_id, "parent_id": parent_id,
             "scaling": dict(vars(spec.file.scaling)), "max_failures": spec.file.failure.max_failures,
-            "evaluation": {"metrics": list(spec.file.evaluation.metrics),
-                           "num_images": spec.file.evaluation.num_images,
-                           "every_images": spec.file.evaluation.every_images},
+            "evaluation": asdict(spec.file.evaluation),
         }
         address = args.address or os.environ.get("RAY_ADDRESS")
         # eval/* metrics arrive only at evaluation steps; Tune must not fail the other reports
@@ -197,13 +199,15 @@ def run_sweep(spec: SweepSpec, args) -> int:
         else:
             ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                      include_dashboard=True)   # Train's placement-group cleaner needs the State API
+        pool = start_pool(sweep_ctx)
         trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
                                         {"CPU": 0.01})
         tune_dir = spec.sweep_dir / "tune"
         run_config = tune.RunConfig(
             name="tune", storage_path=str(spec.sweep_dir),
             failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
-            progress_reporter=_reporter(spec), verbose=1 if progress else 0)
+            progress_reporter=_reporter(spec), verbose=1 if progress else 0,
+            callbacks=[EvalDispatch(spec.file.name)])
         if args.resume and tune.Tuner.can_restore(str(tune_dir)):
             tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -217,11 +221,13 @@ def run_sweep(spec: SweepSpec, args) -> int:
                     trial_dirname_creator=lambda t: t.config["trial"]["key"]),
                 run_config=run_config)
         grid = tuner.fit()
+        finish_pool(pool, sweep_ctx, progress)
         rows = []
         for result in grid:
             trial = result.config["trial"]
             done = trial_dir(sweep_ctx, trial["key"]) / RESULT
             metrics = json.loads(done.read_text()) if done.is_file() else (result.metrics or {})
+            metrics = {**metrics, **latest_eval(sweep_ctx, trial["key"])}
             status = "ERROR" if result.error else ("DONE" if done.is_file() else "STOPPED")
             rows.append({"key": trial["key"], "label": trial["label"], "status": status,
                          "metrics": metrics, "error": str(result.error).splitlines()[0] if result.error else ""})
@@ -255,13 +261,14 @@ def _replay_spools(spec: SweepSpec, uri: str, parent_id: str, sweep_ctx: dict) -
 
     runs = None
     for trial in spec.trials:
-        spool = trial_dir(sweep_ctx, trial.key) / "spool.jsonl"
-        if not spool.is_file():
+        spools = [trial_dir(sweep_ctx, trial.key) / n for n in ("spool.jsonl", "eval_spool.jsonl")]
+        spools = [p for p in spools if p.is_file()]
+        if not spools:
             continue
         if runs is None:
             runs = {r.data.tags.get(tracking.TAG_TRIAL): r.info.run_id
                     for r in tracking.children(uri, parent_id)}
-        if trial.key in runs:
+        for spool in spools if trial.key in runs else []:
             sent = tracking.replay_spool(uri, runs[trial.key], spool)
             print(f"{trial.key}: replayed {sent} tracking records spooled during an outage")
 

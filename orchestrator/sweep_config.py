@@ -1,4 +1,4 @@
-"""Sweep files: the typed schema, its validation and the expansion into trials (no Ray here).
+"""Sweep files: loading, validation and the expansion into trials (no Ray here).
 
 A sweep file names a preset, dotted training-config overrides (``base``) and a ``search`` of one
 sampler per key. ``load_sweep`` resolves and validates every trial's full training config before
@@ -11,105 +11,30 @@ import copy
 import itertools
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import yaml
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from evaluators.suite import METRICS
 from orchestrator.config import UserError, load_yaml, merge_checked, to_dict, validated
+from orchestrator.sweep_schema import SweepFile, SweepSpec, Trial
 from trainers.config import Config, ConfigValueError, check_values
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("fifo", "asha")
 MODES = ("min", "max")
-EVAL_METRICS = ("world_fid",)
+EVAL_METRICS = METRICS                   # evaluators.suite: what the evaluator pool computes
+# eval/* names a metric produces besides its own
+EVAL_OUTPUTS = {"prdc": ("precision", "recall", "density", "coverage"), "geneval_world": (), "geneval": ()}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 # Set by the sweep for every trial: a value from the file would be silently replaced.
 RESERVED = {"output_dir": "set per trial to <sweep_dir>/trials/<key>",
             "train.device": "set from scaling.use_gpu (override sweep.scaling.use_gpu instead)"}
-
-
-@dataclass
-class SchedulerSection:
-    type: str = "fifo"                   # fifo: run every trial to the end; asha: stop bad ones early
-    grace_period: Optional[int] = None   # images seen before ASHA may stop a trial
-    max_t: Optional[int] = None          # images seen at ASHA's last rung
-    reduction_factor: float = 2.0
-
-
-@dataclass
-class ScalingSection:
-    num_workers: int = 1                 # DDP ranks per trial; train.batch_size is per worker
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-
-
-@dataclass
-class FailureSection:
-    max_failures: int = 2                # Ray Train worker-group restarts per trial
-
-
-@dataclass
-class TrackingSection:
-    uri: Optional[str] = None            # None: start a local MLflow server under output_dir/mlflow
-    experiment: str = "softdimo"
-
-
-@dataclass
-class EvaluationSection:
-    metrics: List[str] = field(default_factory=lambda: ["world_fid"])
-    num_images: int = 500
-    every_images: int = 0                # 0: evaluate at the end of the trial only
-
-
-@dataclass
-class SweepFile:
-    name: str = MISSING
-    preset: str = MISSING                # relative to the sweep file's folder, or absolute
-    description: str = ""
-    base: Dict[str, Any] = field(default_factory=dict)    # dotted key -> value, every trial
-    search: Dict[str, Any] = field(default_factory=dict)  # dotted key -> {sampler: values}
-    num_samples: int = 1
-    search_seed: int = 0
-    metric: str = "eval/world_fid"
-    mode: str = "min"
-    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
-    max_concurrent_trials: Optional[int] = None
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    failure: FailureSection = field(default_factory=FailureSection)
-    tracking: TrackingSection = field(default_factory=TrackingSection)
-    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
-    output_dir: str = "runs/sweeps"
-
-
-@dataclass
-class Trial:
-    key: str                             # "t000", "t001", ... in expansion order
-    overrides: dict                      # search key -> the value this trial uses
-    label: str                           # "gan.mask_range=[0.0, 0.5] seed=1", or "base"
-    config: dict                         # the full resolved, validated training config
-
-
-@dataclass
-class SweepSpec:
-    source: str                          # the sweep file path as given
-    file: SweepFile                      # after sweep.* overrides; output_dir absolute
-    preset: str                          # absolute path of the preset
-    trials: List[Trial]
-
-    @property
-    def sweep_dir(self) -> Path:
-        return Path(self.file.output_dir) / self.file.name
-
-    def to_json(self) -> dict:
-        return {"source": self.source, "name": self.file.name, "sweep_dir": str(self.sweep_dir),
-                "preset": self.preset, "file": asdict(self.file),
-                "trials": [asdict(trial) for trial in self.trials]}
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None = None) -> SweepSpec:
@@ -231,6 +156,12 @@ def _load_file(path: Path, items: list, source: str) -> SweepFile:
     return OmegaConf.to_object(cfg)
 
 
+def _produced(name: str, metrics: Sequence[str]) -> bool:
+    """Does the pool, computing ``metrics``, report eval/<name>?"""
+    head = name.split("/")[0]
+    return head in metrics or any(name in EVAL_OUTPUTS.get(m, ()) for m in metrics)
+
+
 def _check_file(f: SweepFile, source: str) -> None:
     """Range and consistency checks the type system cannot express; the first one found is raised."""
     sched, evaluation = f.scheduler, f.evaluation
@@ -259,9 +190,16 @@ def _check_file(f: SweepFile, source: str) -> None:
          f"must be >= 0, got {evaluation.num_images}"),
         ("evaluation.every_images", evaluation.every_images >= 0,
          f"must be >= 0, got {evaluation.every_images}"),
-        ("metric", eval_metric is None or (eval_metric in evaluation.metrics and evaluation.num_images),
-         f"{f.metric} is never computed: needs {eval_metric} in evaluation.metrics and "
-         "evaluation.num_images > 0"),
+        ("evaluation.temperatures", evaluation.temperatures and min(evaluation.temperatures) > 0,
+         f"needs positive temperatures, got {evaluation.temperatures}"),
+        ("evaluation.actors", evaluation.actors >= 1, f"must be >= 1, got {evaluation.actors}"),
+        ("evaluation.cpus_per_actor", evaluation.cpus_per_actor > 0,
+         f"must be > 0, got {evaluation.cpus_per_actor}"),
+        ("evaluation.gpus_per_actor", evaluation.gpus_per_actor >= 0,
+         f"must be >= 0, got {evaluation.gpus_per_actor}"),
+        ("metric", eval_metric is None or (_produced(eval_metric, evaluation.metrics) and evaluation.num_images),
+         f"{f.metric} is never computed: needs {eval_metric.split('/')[0] if eval_metric else ''} in "
+         "evaluation.metrics and evaluation.num_images > 0"),
     ]
     if sched.type == "asha":
         checks += [
@@ -274,10 +212,10 @@ def _check_file(f: SweepFile, source: str) -> None:
              f"must be >= grace_period ({sched.grace_period}), got {sched.max_t}"),
             ("scheduler.reduction_factor", sched.reduction_factor > 1,
              f"must be > 1, got {sched.reduction_factor}"),
-            # ASHA compares trials at its rungs; a metric computed only at the end never stops one.
-            ("scheduler.type", eval_metric is None or evaluation.every_images > 0,
-             f"asha watches {f.metric}, which is only computed at the end; "
-             "set evaluation.every_images > 0 or watch a training metric"),
+            # ASHA reads the trials' own reports; eval/* arrive later, from the evaluator pool.
+            ("scheduler.type", eval_metric is None,
+             f"asha needs a metric the trials report while training, not {f.metric} (evaluator "
+             "results arrive asynchronously); watch e.g. loss/dimo or diag/entropy"),
         ]
     for key, ok, problem in checks:
         if not ok:

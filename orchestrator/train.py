@@ -31,6 +31,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def reward_factory(name: str, device):
+    """A differentiable real-network reward (HPS, PickScore, ImageReward) from staged weights."""
+    from evaluators.scorers import make_scorer
+    from evaluators.weights import set_offline_env
+
+    set_offline_env()
+    return make_scorer(name, device=device)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -42,8 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     resolved = to_dict(cfg)
+    from evaluators.weights import WeightsMissing
+    from trainers.state import build_context
+
     try:
-        result = train(cfg, resolved, resume=args.resume, progress=not args.quiet)
+        ctx = build_context(cfg, progress=not args.quiet, reward_factory=reward_factory)
+        result = train(cfg, resolved, resume=args.resume, progress=not args.quiet, ctx=ctx)
+    except WeightsMissing as err:
+        raise UserError(f"{args.config}: reward.terms: {err}") from None
     except (ResumeError, ConfigValueError) as err:
         raise UserError(f"{args.config}: {err}") from None
     except FloatingPointError as err:

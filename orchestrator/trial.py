@@ -45,6 +45,20 @@ def _append_json(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def snapshot(checkpoint: Path, dest: Path) -> Path:
+    """Copy what evaluation needs (EMA weights + meta.json) out of a checkpoint, atomically."""
+    import shutil
+
+    tmp = dest.with_name(f".tmp_{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("ema.safetensors", "meta.json"):
+        shutil.copy2(checkpoint / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
 def _setup_device(use_gpu: bool, cpus_per_worker: float):
     import torch
 
@@ -59,7 +73,7 @@ def _setup_device(use_gpu: bool, cpus_per_worker: float):
 def train_worker(loop_config: dict) -> None:
     """Every rank: build the run, resume from Ray's checkpoint if any, train, report."""
     from orchestrator.config import from_dict
-    from trainers.checkpoint import load_generator, read_meta
+    from trainers.checkpoint import read_meta
     from trainers.loop import Hooks, train
     from trainers.state import build_context
 
@@ -73,31 +87,26 @@ def train_worker(loop_config: dict) -> None:
     _setup_device(sweep["scaling"]["use_gpu"], sweep["scaling"]["cpus_per_worker"])
     cfg = from_dict(loop_config["config"], f"trial {key}")
     resolved = loop_config["config"]
-    ctx = build_context(cfg, progress=False)
+    from orchestrator.train import reward_factory
+
+    ctx = build_context(cfg, progress=False, reward_factory=reward_factory)
     evaluation = sweep["evaluation"]
     tracker = None
     if rank == 0:
         tracker = tracking.Tracker(sweep["tracking_uri"], loop_config["run_id"], tdir / "spool.jsonl")
     last_eval = {"images": 0}
 
-    def world_fid(path: Path) -> float:
-        from evaluators.world_eval import student_world_fid
-
-        net = load_generator(ctx.teacher, path, ctx.device)
-        track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
-        return student_world_fid(ctx.world, track, net, cfg.generator.init_mask_ratio,
-                                 cfg.generator.embed_noise, evaluation["num_images"],
-                                 seed=cfg.seed, device=ctx.device)
-
     def report(step: int, metrics: dict, saved: Path | None) -> None:
         metrics = {**metrics, "step": step}
-        if saved is not None and "world_fid" in evaluation["metrics"] and evaluation["num_images"]:
+        if saved is not None and evaluation["metrics"] and evaluation["num_images"]:
             every = evaluation["every_images"]
             due = step == cfg.train.steps or (every and metrics["images_seen"] - last_eval["images"] >= every)
             if due:
-                metrics["eval/world_fid"] = last_eval["eval/world_fid"] = world_fid(saved)
+                # the EMA weights and meta of this step, kept for the evaluator pool (Ray moves
+                # and prunes the full checkpoint); the sweep's Tune callback submits it
+                metrics["eval_checkpoint"] = str(snapshot(saved, tdir / "eval" / saved.name))
+                metrics["mlflow_run_id"] = loop_config["run_id"]
                 last_eval["images"] = metrics["images_seen"]
-                tracker.log_metrics(step, {"eval/world_fid": metrics["eval/world_fid"]})
         checkpoint = None
         if saved is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(saved))
@@ -136,7 +145,6 @@ def train_worker(loop_config: dict) -> None:
         return
     if rank == 0:
         final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        final.update({k: v for k, v in last_eval.items() if k.startswith("eval/")})
         final.update(step=result.step, resumed_from_step=start)
         staging = Path(cfg.output_dir) / "checkpoints"   # Ray moved every checkpoint to train/
         if staging.is_dir() and not any(staging.iterdir()):

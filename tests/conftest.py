@@ -20,3 +20,27 @@ def test_world(tmp_path_factory):
     cache = tmp_path_factory.mktemp("softdimo-cache")
     os.environ["SOFTDIMO_CACHE"] = str(cache)
     return load_world("test", cache, build_if_missing=True, progress=False)
+
+
+@pytest.fixture(scope="session")
+def c2i_checkpoint(test_world, tmp_path_factory):
+    """A 2-step class-to-image checkpoint on the test world (trained in this process)."""
+    return _tiny_checkpoint("world_c2i", tmp_path_factory.mktemp("c2i_run"))
+
+
+@pytest.fixture(scope="session")
+def t2i_checkpoint(test_world, tmp_path_factory):
+    return _tiny_checkpoint("world_t2i", tmp_path_factory.mktemp("t2i_run"))
+
+
+def _tiny_checkpoint(kind: str, out):
+    from pathlib import Path
+
+    from orchestrator.config import load_config, to_dict
+    from trainers.loop import train
+
+    preset = Path(__file__).resolve().parents[1] / "sweeps/presets" / (
+        "tiny_c2i.yaml" if kind == "world_c2i" else "tiny_t2i.yaml")
+    cfg = load_config(preset, ["world.spec=test", "train.steps=2", "train.batch_size=8",
+                               "train.grid_size=4", f"output_dir={out}", "train.device=cpu"])
+    return train(cfg, to_dict(cfg), progress=False).checkpoint

@@ -84,8 +84,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_context(cfg: Config, progress: bool = True) -> TrainContext:
-    """Load (building if missing) the embedded world and wrap its teacher, data and rewards."""
+def build_context(cfg: Config, progress: bool = True,
+                  reward_factory: Callable[[str, torch.device], RewardFn] | None = None,
+                  rewards: bool = True) -> TrainContext:
+    """Load (building if missing) the embedded world and wrap its teacher, data and rewards.
+
+    Rewards other than the world's own (clip, quality) come from ``reward_factory(name, device)``
+    (the orchestrator passes evaluators.scorers.make_scorer: this layer does not import it).
+    """
     from softdimo.world.store import load_world
 
     device = resolve_device(cfg.train.device)
@@ -96,14 +102,19 @@ def build_context(cfg: Config, progress: bool = True) -> TrainContext:
     wd = world.data(track)
     data = DataSource(tokens=wd.tokens.to(device), labels=wd.labels.to(device),
                       captions=list(wd.captions))
-    rewards = {}
-    for term in cfg.reward.terms:
+    reward_fns = {}
+    for term in (cfg.reward.terms if rewards else []):   # generation and evaluation need none
         if term.name == "clip":
-            rewards["clip"] = world.clip_score
+            reward_fns["clip"] = world.clip_score
         elif term.name == "quality":
             quality = world.quality
-            rewards["quality"] = lambda images, prompts, q=quality: q(images)
-    return TrainContext(teacher=teacher, data=data, rewards=rewards, device=device, world=world)
+            reward_fns["quality"] = lambda images, prompts, q=quality: q(images)
+        elif reward_factory is None:
+            raise ConfigValueError("reward.terms", f"{term.name!r} needs a scorer factory "
+                                   "(run through orchestrator.train or a sweep)")
+        else:
+            reward_fns[term.name] = reward_factory(term.name, device)
+    return TrainContext(teacher=teacher, data=data, rewards=reward_fns, device=device, world=world)
 
 
 def _warmup(warmup_steps: int) -> Callable[[int], float]:

@@ -38,6 +38,7 @@ def tiny(out: Path, *extra: str, sqlite: bool = True) -> list:
     """Overrides that shrink any sweep to the test world and two steps per trial."""
     args = ["world.spec=test", "train.steps=2", "train.checkpoint_every=1", "train.log_every=1",
             "train.grid_size=4", "train.batch_size=8", "sweep.evaluation.num_images=32",
+            "sweep.evaluation.cpus_per_actor=0.25",
             f"sweep.output_dir={out}", "sweep.max_concurrent_trials=2", "--quiet", *extra]
     if sqlite:
         args.append(f"sweep.tracking.uri=sqlite:///{out}/mlflow.db")
@@ -73,8 +74,12 @@ def check_shipped(sweep_dir: Path, uri: str) -> None:
         assert result is not None, key
         assert result["step"] == 2 and result["images_seen"] == 16
         assert (Path(result["checkpoint"]) / "meta.json").is_file()
-        assert result["eval/world_fid"] >= 0.0
+        evals = [json.loads(line) for line in (sweep_dir / "trials" / key / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [2]          # the pool scored the final checkpoint once
+        assert evals[0]["metrics"]["eval/world_fid"] >= 0.0
     runs = mlflow_children(uri, sweep_dir.name)
+    for run in runs:                                   # ... and its result is in the trial's run
+        assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "eval/world_fid")] == [2]
     assert [r.data.tags["softdimo.trial"] for r in runs] == sorted(found)
     assert all(r.info.status == "FINISHED" for r in runs)
     for run, trial in zip(runs, state["trials"]):
@@ -206,7 +211,7 @@ def test_asha_stops_trials_early_and_frees_their_resources(tmp_path, ray_session
     import ray
 
     path = one_trial_sweep(tmp_path / "asha.yaml", "asha",
-                           {"train.lr_generator": {"grid": [1e-4, 3e-2, 1e-1, 3e-1]}},
+                           {"train.lr_generator": {"grid": [1e-4, 1e-1, 3e-1]}},
                            # a larger step size collapses the student's entropy sooner: later
                            # trials fall below the rung's median and are stopped
                            metric="diag/entropy", mode="max", scheduler={"type": "asha", "grace_period": 16, "max_t": 64,
@@ -224,3 +229,22 @@ def test_asha_stops_trials_early_and_frees_their_resources(tmp_path, ray_session
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_evaluator_pool_requeues_the_checkpoint_of_a_dead_actor(tmp_path, ray_session, c2i_checkpoint):
+    import ray
+
+    from orchestrator.pool import EvalJob, EvaluatorPool
+
+    got = []
+    pool = EvaluatorPool({"metrics": ["world_fid"], "num_images": 32}, size=1, num_cpus=0.5,
+                         on_result=lambda job, metrics: got.append((job.step, metrics)))
+    first = pool.actors[0]
+    pool.submit(EvalJob(trial="t000", run_id="r", step=2, checkpoint=str(c2i_checkpoint)))
+    pool.submit(EvalJob(trial="t000", run_id="r", step=2, checkpoint=str(c2i_checkpoint)))  # dup
+    ray.kill(first, no_restart=True)                  # dies while loading or evaluating
+    assert pool.drain(timeout=600)
+    assert pool.failures == []
+    assert len(got) == 1 and got[0][1]["eval/world_fid"] >= 0.0
+    assert pool.actors and pool.actors[0] != first    # replaced
+    pool.shutdown()

@@ -138,3 +138,36 @@ def test_generate_cli(tmp_path, test_world, c2i_ctx):
     bad = subprocess.run(cmd[:-2] + ["--prompts", str(prompts)], cwd=ROOT, capture_output=True,
                          text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_real_network_rewards_come_from_the_scorer_factory(tmp_path, test_world):
+    """reward.terms naming HPS trains through the factory's differentiable scorer (a tiny real
+    open_clip ViT stands in for ViT-H-14 here); without staged weights the CLI stops at once."""
+    import open_clip
+
+    from evaluators.clip_scores import HpsScorer
+
+    torch.manual_seed(0)
+    tiny = open_clip.create_model("ViT-B-32", pretrained=None)   # built from code, random weights
+    scorer = HpsScorer.from_model(tiny, version="v2.1")
+    made = []
+
+    def factory(name, device):
+        made.append(name)
+        return scorer
+
+    overrides = [*TINY, f"output_dir={tmp_path}", "train.steps=2", "train.log_every=1",
+                 "reward.terms=[{name: hps_v21, weight: 1.0}]"]
+    cfg = load_config(T2I, overrides)
+    ctx = build_context(cfg, progress=False, reward_factory=factory)
+    seen = []
+    from trainers.loop import Hooks
+
+    train(cfg, to_dict(cfg), ctx=ctx, hooks=Hooks(on_metrics=lambda s, m: seen.append(m)), progress=False)
+    assert made == ["hps_v21"]
+    assert all("reward/hps_v21" in m for m in seen if "loss/total" in m)
+    cmd = [sys.executable, "-m", "orchestrator.train", str(T2I), *overrides, "--quiet"]
+    env = {**__import__("os").environ, "SOFTDIMO_WEIGHTS": str(tmp_path / "none")}
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.count("\n") == 1 and "hps_v21" in bad.stderr and "reward.terms" in bad.stderr

@@ -235,22 +235,29 @@ ERRORS = [  # (sweep file body after name/preset, overrides, what the message mu
      "scheduler.max_t: must be >= grace_period"),
     ("scheduler: {type: asha, grace_period: 1, max_t: 5, reduction_factor: 1}\n"
      "evaluation: {every_images: 10}\n", [], "scheduler.reduction_factor: must be > 1"),
-    ("scheduler: {type: asha, grace_period: 1, max_t: 5}\n", [], "scheduler.type: asha watches"),
+    ("scheduler: {type: asha, grace_period: 1, max_t: 5}\n", [],
+     "scheduler.type: asha needs a metric the trials report"),
     ("num_samples: 0\n", [], "num_samples: must be >= 1"),
     ("max_concurrent_trials: 0\n", [], "max_concurrent_trials: must be >= 1"),
     ("scaling: {num_workers: 0}\n", [], "scaling.num_workers: must be >= 1"),
     ("scaling: {cpus_per_worker: 0}\n", [], "scaling.cpus_per_worker: must be > 0"),
     ("failure: {max_failures: -1}\n", [], "failure.max_failures: must be >= 0"),
     ("mode: minimum\n", [], "mode: 'minimum' is not one of min, max"),
-    ("evaluation: {metrics: [world_fid, hps]}\n", [], "evaluation.metrics"),
+    ("evaluation: {metrics: [world_fid, fidd]}\n", [], "evaluation.metrics"),
+    ("evaluation: {temperatures: [1.0, 0]}\n", [], "evaluation.temperatures: needs positive"),
+    ("evaluation: {actors: 0}\n", [], "evaluation.actors: must be >= 1"),
+    ("evaluation: {metrics: [prdc]}\nmetric: eval/precision\nmode: max\n", [], None),
     ("evaluation: {num_images: -1}\n", [], "evaluation.num_images: must be >= 0"),
     ("evaluation: {num_images: 0}\n", [], "metric: eval/world_fid is never computed"),
 ]
 
 
-@pytest.mark.parametrize("body, overrides, needle", ERRORS, ids=[e[2][:40] for e in ERRORS])
+@pytest.mark.parametrize("body, overrides, needle", ERRORS, ids=[(e[2] or "valid")[:40] for e in ERRORS])
 def test_validation_errors_name_file_and_key(tmp_path, body, overrides, needle):
     path = write(tmp_path, body)
+    if needle is None:                       # a valid file: no error
+        load_sweep(path, overrides, cwd=tmp_path)
+        return
     with pytest.raises(UserError) as err:
         load_sweep(path, overrides, cwd=tmp_path)
     message = str(err.value)
