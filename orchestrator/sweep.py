@@ -150,18 +150,30 @@ def _reporter(spec: SweepSpec):
                        max_column_length=40, max_report_frequency=30)
 
 
-def _max_concurrent(spec: SweepSpec) -> int:
-    import ray
+DRIVER_CPU = 0.01     # a trial's Tune driver only launches its TorchTrainer
 
-    if spec.file.max_concurrent_trials:
-        return spec.file.max_concurrent_trials
-    sc = spec.file.scaling
-    total = ray.cluster_resources()
+
+def max_concurrent(spec: SweepSpec, total: dict) -> int:
+    """How many trials fit beside the evaluator pool: Tune cannot see the Train workers' needs,
+    and a trial started without room waits forever for its worker group (on CPU and GPU alike)."""
+    sc, ev = spec.file.scaling, spec.file.evaluation
+    pool = ev.actors if ev.metrics and ev.num_images else 0
+    need = {"CPU": sc.num_workers * sc.cpus_per_worker + DRIVER_CPU}
+    left = {"CPU": total.get("CPU", 0.0) - pool * ev.cpus_per_actor}
     if sc.use_gpu:
-        per_trial, have = sc.num_workers * sc.gpus_per_worker, total.get("GPU", 0.0)
-    else:
-        per_trial, have = sc.num_workers * sc.cpus_per_worker, total.get("CPU", 1.0)
-    return max(1, int(have // per_trial))
+        need["GPU"] = sc.num_workers * sc.gpus_per_worker
+    left["GPU"] = total.get("GPU", 0.0) - pool * ev.gpus_per_actor
+    fits = min(int(left[r] // need[r]) for r in need)
+    if fits < 1:
+        raise UserError(
+            f"{spec.source}: scaling: one trial needs {need} and the evaluator pool "
+            f"{pool} x (CPU {ev.cpus_per_actor}, GPU {ev.gpus_per_actor}), but the cluster has "
+            f"{ {r: total.get(r, 0.0) for r in ('CPU', 'GPU')} }; lower scaling.* or evaluation.*_per_actor")
+    wanted = spec.file.max_concurrent_trials
+    if wanted and wanted > fits:
+        print(f"max_concurrent_trials {wanted} lowered to {fits}: no more trials fit beside the "
+              "evaluator pool", file=sys.stderr)
+    return min(wanted, fits) if wanted else fits
 
 
 def run_sweep(spec: SweepSpec, args) -> int:
@@ -169,6 +181,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
     from ray import tune
 
     from orchestrator import tracking
+    from orchestrator.pg_cleanup import OrphanGroupCleaner
     from orchestrator.pool import EvalDispatch
     from orchestrator.sweep_eval import finish_pool, latest_eval, start_pool
     from orchestrator.trial import RESULT, train_driver, trial_dir
@@ -201,13 +214,13 @@ def run_sweep(spec: SweepSpec, args) -> int:
                      include_dashboard=True)   # Train's placement-group cleaner needs the State API
         pool = start_pool(sweep_ctx)
         trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
-                                        {"CPU": 0.01})
+                                        {"CPU": DRIVER_CPU})
         tune_dir = spec.sweep_dir / "tune"
         run_config = tune.RunConfig(
             name="tune", storage_path=str(spec.sweep_dir),
             failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
             progress_reporter=_reporter(spec), verbose=1 if progress else 0,
-            callbacks=[EvalDispatch(spec.file.name)])
+            callbacks=[EvalDispatch(spec.file.name), OrphanGroupCleaner()])
         if args.resume and tune.Tuner.can_restore(str(tune_dir)):
             tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -216,7 +229,8 @@ def run_sweep(spec: SweepSpec, args) -> int:
                 trainable,
                 param_space={"trial": tune.grid_search([_trial_json(t) for t in spec.trials])},
                 tune_config=tune.TuneConfig(
-                    scheduler=_scheduler(spec), max_concurrent_trials=_max_concurrent(spec),
+                    scheduler=_scheduler(spec),
+                    max_concurrent_trials=max_concurrent(spec, ray.cluster_resources()),
                     trial_name_creator=lambda t: t.config["trial"]["key"],
                     trial_dirname_creator=lambda t: t.config["trial"]["key"]),
                 run_config=run_config)

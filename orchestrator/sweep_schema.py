@@ -47,7 +47,7 @@ class EvaluationSection:
     temperatures: List[float] = field(default_factory=lambda: [1.0])   # the best one is reported
     seed: int = 0
     actors: int = 1
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 0.5          # logical CPUs; leaves a 2-core machine room for a trial
     gpus_per_actor: float = 0.0
     reference: Optional[str] = None      # FID reference npz (mu, sigma[, arr_0]); default the ADM batch
     weights: Dict[str, str] = field(default_factory=dict)   # weights key -> explicit local path

@@ -281,3 +281,21 @@ def test_name_and_preset_errors(tmp_path, text, needle):
 def test_missing_sweep_file(tmp_path):
     with pytest.raises(UserError, match="nope.yaml: file not found"):
         load_sweep(tmp_path / "nope.yaml")
+
+
+def test_max_concurrent_leaves_room_for_the_evaluator_pool(tmp_path):
+    from orchestrator.sweep import max_concurrent
+
+    spec = load_sweep(ROOT / "sweeps" / "gan_mask.yaml", cwd=tmp_path)
+    assert max_concurrent(spec, {"CPU": 2.0}) == 1          # 2 - 0.5 (pool) fits one 1-CPU trial
+    assert max_concurrent(spec, {"CPU": 8.0}) == 7
+    spec.file.evaluation.metrics = []                        # no pool
+    assert max_concurrent(spec, {"CPU": 2.0}) == 1           # the drivers' 0.01 CPU count too
+    assert max_concurrent(spec, {"CPU": 3.0}) == 2
+    spec.file.max_concurrent_trials = 5
+    assert max_concurrent(spec, {"CPU": 3.0}) == 2           # capped: a third would hang
+    gpu = load_sweep(ROOT / "sweeps" / "gan_mask.yaml", ["sweep.scaling.use_gpu=true",
+                     "sweep.scaling.num_workers=2", "sweep.evaluation.gpus_per_actor=1"], cwd=tmp_path)
+    assert max_concurrent(gpu, {"CPU": 64.0, "GPU": 8.0}) == 3
+    with pytest.raises(UserError, match="scaling: one trial needs"):
+        max_concurrent(gpu, {"CPU": 64.0, "GPU": 2.0})
