@@ -147,23 +147,9 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float],
     Offsets of the box centres are shrunk by position_threshold × the summed box sizes (a dead
     zone for near-aligned objects), then normalised by the raw offset's length.
     """
-    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - position_threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
+    from softdimo.world.scenes import box_relations   # one implementation of the rule
+
+    return box_relations(box_a, box_b, position_threshold)
 
 
 def _iou_plus_one(a: Sequence[float], b: Sequence[float]) -> float:

@@ -311,7 +311,7 @@ class Evaluator:
         per_t = {}
         for t in self.settings.temperatures:
             values = self._score_metrics(student, float(t))
-            per_t[f"eval/{primary}@T{float(t):g}"] = values[primary]
+            per_t[f"eval/{primary}/T{float(t):g}"] = values[primary]
             key = values[primary] if primary in LOWER_IS_BETTER else -values[primary]
             if best is None or key < best_key:
                 best, best_key, best_t = values, key, float(t)

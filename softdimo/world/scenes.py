@@ -70,13 +70,16 @@ def _rng(seed: int | np.random.Generator | torch.Generator) -> np.random.Generat
     return np.random.default_rng(seed)
 
 
-def relations(a: SceneObject, b: SceneObject) -> set[str]:
-    """Relations of a with respect to b under GenEval's box rule (e.g. {"left of"})."""
-    ax0, ay0, ax1, ay1 = a.box()
-    bx0, by0, bx1, by1 = b.box()
-    offset = np.array([(ax0 + ax1 - bx0 - bx1) / 2, (ay0 + ay1 - by0 - by1) / 2])
-    dims = np.array([ax1 - ax0 + bx1 - bx0, ay1 - ay0 + by1 - by0])
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
+def box_relations(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of box a (x0, y0, x1, y1) with respect to box b under GenEval's rule.
+
+    Offsets of the box centres are shrunk by ``threshold`` x the summed box sizes (a dead zone for
+    near-aligned objects), then normalised by the raw offset's length; e.g. {"left of", "above"}.
+    """
+    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
+    revised = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
     if np.all(np.abs(revised) < 1e-3):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
@@ -90,6 +93,11 @@ def relations(a: SceneObject, b: SceneObject) -> set[str]:
     if dy > 0.5:
         out.add("below")
     return out
+
+
+def relations(a: SceneObject, b: SceneObject) -> set[str]:
+    """Relations of a with respect to b under GenEval's box rule (e.g. {"left of"})."""
+    return box_relations(a.box(), b.box())
 
 
 def _place(rng: np.random.Generator, n: int, radius: tuple[float, float] | None = None,

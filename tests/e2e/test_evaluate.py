@@ -21,7 +21,7 @@ def test_world_metrics_are_deterministic_and_pick_the_best_temperature(c2i_check
     ev = Evaluator(settings)
     a, b = ev.evaluate(c2i_checkpoint), ev.evaluate(c2i_checkpoint)
     assert a == b                                              # fixed seeds and conditions
-    per_t = {t: a[f"eval/world_fid@T{t:g}"] for t in (0.5, 1.0, 3.0)}
+    per_t = {t: a[f"eval/world_fid/T{t:g}"] for t in (0.5, 1.0, 3.0)}
     assert a["eval/temperature"] == min(per_t, key=per_t.get)
     assert a["eval/world_fid"] == min(per_t.values())
     assert -1.0 <= a["eval/world_clip"] <= 1.0

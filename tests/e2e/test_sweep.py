@@ -128,7 +128,7 @@ def test_default_tracking_server_resume_and_report(tmp_path, ray_session):
         assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "eval/world_clip")] == [2]
     assert evaluate.main([runs[0].info.run_id, "--output-dir", str(tmp_path), "--metrics", "world_fid",
                           "--num", "8", "--temperatures", "0.5,1", "--threads", "1"]) == 0
-    assert tracking.metric_history(uri, runs[0].info.run_id, "eval/world_fid@T0.5")
+    assert tracking.metric_history(uri, runs[0].info.run_id, "eval/world_fid/T0.5")
 
     assert report.main(["gan_mask", "--output-dir", str(tmp_path)]) in (0, None)
     out = tmp_path / "gan_mask" / "report"
