@@ -11,6 +11,11 @@ and ``geneval_world`` (text-to-image); with staged real weights ``fid5k``/``fid5
 Inception pool3 vs reference statistics), ``is``, ``prdc`` (precision/recall k=3, density/coverage
 k=5 against the reference images), ``clip``, ``hps``, ``hps_v21``, ``pickscore``, ``imagereward``
 and ``geneval`` (official metadata, HF Mask2Former detector).
+
+With ``test_time`` set (trainers.config.TestTime fields), the prompt-based metrics (``TEST_TIME_METRICS``)
+are computed a second time on test-time-scaled images (Best-of-N / TTEO, evaluators.test_time) and
+reported as ``eval/tts/<metric>``, with ``eval/tts/seconds_per_prompt``: a sweep shows GenEval and
+HPS with and without test-time scaling side by side.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ SCORE_METRICS = ("clip", "hps", "hps_v21", "pickscore", "imagereward")
 # fid30k: text-to-image FID (COCO-30k, MJHQ-30k) against --reference statistics or an image folder
 INCEPTION_METRICS = ("fid5k", "fid50k", "fid30k", "is", "prdc")
 METRICS = WORLD_METRICS + INCEPTION_METRICS + SCORE_METRICS + ("geneval",)
+TEST_TIME_METRICS = ("world_clip", "geneval_world") + SCORE_METRICS + ("geneval",)
 LOWER_IS_BETTER = ("world_fid", "fid5k", "fid50k", "fid30k")
 FIXED_COUNTS = {"fid5k": 5000, "fid50k": 50000, "fid30k": 30000}
 # the staged weight files (evaluators.weights keys) each metric reads
@@ -69,6 +75,7 @@ class EvalSettings:
     geneval_prompts_per_task: int = 8       # GenEval-world
     reference: Optional[str] = None         # npz with mu, sigma[, arr_0]; default: the ADM batch
     paths: dict = field(default_factory=dict)   # weights key -> explicit path
+    test_time: Optional[dict] = None        # TestTime fields: also score TEST_TIME_METRICS with it
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -129,13 +136,16 @@ class Evaluator:
         self._inception = None
         self._reference = None
         self._geneval = None
+        self._tts_seconds: list = []
         self.check_weights()
 
     def check_weights(self) -> None:
         """Fail before any generation if a staged file is missing (WeightsMissing names it)."""
         from evaluators.weights import resolve
 
-        for metric in self.settings.metrics:
+        tt = self.settings.test_time or {}
+        names = [*self.settings.metrics, *tt.get("rewards", {}), *tt.get("select", {})]
+        for metric in names:
             for key in WEIGHTS_NEEDED.get(metric, ()):
                 explicit = self.settings.paths.get(key)
                 if key == "adm_ref" and self.settings.reference:
@@ -211,9 +221,13 @@ class Evaluator:
         conds = eval_conditions(student.teacher, n, 1, captions)
         return conds, list(conds)
 
-    def generate(self, student: Student, conds: list, temperature: float) -> torch.Tensor:
+    def generate(self, student: Student, conds: list, temperature: float | None) -> torch.Tensor:
+        """Images [N, 3, H, W] in [0, 1]: one-step samples at ``temperature``, or with
+        ``temperature=None`` test-time-scaled ones (settings.test_time) for prompts ``conds``."""
         from evaluators.world_eval import generate_images, student_sampler
 
+        if temperature is None:
+            return self._test_time(student, conds).images
         g = student.cfg.generator
         sample = student_sampler(student.teacher, student.net, g.init_mask_ratio, g.embed_noise, temperature)
         return generate_images(sample, student.teacher, conds, self.settings.seed,
@@ -221,7 +235,15 @@ class Evaluator:
                                progress=self.progress, desc=f"sampling T={temperature:g}")
 
     # metrics
-    def _score_metrics(self, student: Student, temperature: float) -> dict:
+    def _test_time(self, student: Student, prompts: list):
+        from evaluators.test_time import generate_scaled, settings_of
+
+        run = generate_scaled(student, prompts, settings_of(self.settings.test_time), self.settings.seed,
+                            self.device, self.progress, reward_factory=lambda name, _: self.scorer(name))
+        self._tts_seconds.append((len(prompts), run.seconds_per_prompt))
+        return run
+
+    def _score_metrics(self, student: Student, temperature: float | None, metrics=None) -> dict:
         s, out, cache = self.settings, {}, {}
 
         def images_for(n: int):
@@ -230,7 +252,7 @@ class Evaluator:
                 cache[n] = (to_uint8(self.generate(student, conds, temperature)), prompts)
             return cache[n]
 
-        for metric in s.metrics:
+        for metric in metrics or s.metrics:
             if metric == "geneval_world":
                 out.update(self._geneval_world(student, temperature))
                 continue
@@ -319,4 +341,11 @@ class Evaluator:
         out["eval/temperature"] = best_t
         if len(self.settings.temperatures) > 1:
             out.update(per_t)
+        tts_metrics = [m for m in self.settings.metrics if m in TEST_TIME_METRICS]
+        if self.settings.test_time and tts_metrics and student.track == "t2i":   # c2i: no prompts
+            self._tts_seconds = []
+            values = self._score_metrics(student, None, tts_metrics)
+            out.update({f"eval/tts/{k}": float(v) for k, v in values.items()})
+            images = sum(n for n, _ in self._tts_seconds)
+            out["eval/tts/seconds_per_prompt"] = sum(n * t for n, t in self._tts_seconds) / images
         return out

@@ -15,6 +15,10 @@ checkpoint's step. Generation uses the EMA weights, a fixed seed and fixed, bala
 Metrics: world_fid, world_clip, geneval_world (embedded world); fid5k, fid50k, is, prdc, clip, hps,
 hps_v21, pickscore, imagereward, geneval (real networks: weights staged under $SOFTDIMO_WEIGHTS or
 given with --weights KEY=PATH; a missing file is named in a one-line error).
+
+With --tteo (text-to-image), the prompt-based metrics are computed again on test-time-scaled images
+(Best-of-N with TTEO, as orchestrator.generate --tteo) and reported as eval/tts/<metric>:
+    python -m orchestrator.evaluate runs/tiny_t2i --metrics geneval_world,world_clip --tteo --bon 4 --iters 4
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=2000, help="images per metric without a fixed count")
     p.add_argument("--temperatures", default="1", help="sampling temperatures; the best is reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--geneval-prompts-per-task", type=int, default=8,
+                   help="GenEval-world prompts per task (six tasks, 4 images each; default 8)")
     p.add_argument("--weights", nargs="*", default=[], metavar="KEY=PATH",
                    help="explicit weight paths, e.g. inception=/w/pt_inception.pth")
     p.add_argument("--reference", default=None, help="FID reference npz (mu, sigma[, arr_0])")
@@ -58,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="1,2,4,8,16", help="teacher sampling steps (with --teacher)")
     p.add_argument("--cfg", type=float, default=2.0, help="teacher CFG weight (with --teacher)")
     p.add_argument("--world", default="full", choices=("full", "test"), help="world (with --teacher)")
+    from orchestrator.generate import add_test_time_options
+
+    add_test_time_options(p, lists=False)
     return p
 
 
@@ -119,9 +128,22 @@ def _settings(args):
         paths[key] = value
     if args.num < 2:
         raise UserError("--num must be at least 2")
+    if args.geneval_prompts_per_task < 1:
+        raise UserError("--geneval-prompts-per-task must be at least 1")
+    test_time = None
+    if args.tteo:
+        from dataclasses import asdict
+
+        from orchestrator.generate import test_time_settings
+
+        configs = test_time_settings(args)
+        if len(configs) != 1:
+            raise UserError("--bon/--iters: evaluate takes one configuration (no comma lists)")
+        test_time = asdict(configs[0])
     return EvalSettings(metrics=metrics, num_images=args.num,
                         temperatures=_floats(args.temperatures, "--temperatures"), seed=args.seed,
-                        reference=args.reference, paths=paths)
+                        reference=args.reference, paths=paths, test_time=test_time,
+                        geneval_prompts_per_task=args.geneval_prompts_per_task)
 
 
 def evaluate_checkpoints(args) -> list[dict]:

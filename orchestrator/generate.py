@@ -1,12 +1,25 @@
-"""Write one-step images from a trained checkpoint (EMA weights).
+"""Write one-step images from a trained checkpoint (EMA weights), optionally with test-time scaling.
 
     python -m orchestrator.generate runs/tiny_c2i --out samples/ --num 64
     python -m orchestrator.generate runs/tiny_c2i/checkpoints/step_00000300 --out s/ --argmax
     python -m orchestrator.generate runs/tiny_t2i --out s/ --prompts prompts.txt --temperature 0.5
+    python -m orchestrator.generate runs/tiny_t2i --prompts prompts.txt --out s/ --tteo --bon 4 --iters 4 --lr 0.2
+    python -m orchestrator.generate runs/tiny_t2i --prompts prompts.txt --out s/ --tteo --bon 4,8,16 --iters 0
 
 A run directory means its latest checkpoint. Class-to-image checkpoints cycle through the classes
 (or take --labels); text-to-image checkpoints take one prompt per line from --prompts (default: the
 world's captions). Images are PNG files plus grid.png and samples.json (condition of each image).
+
+Test-time scaling (--tteo, text-to-image; paper §3.2.3, App. I.8): N starts per prompt run as one
+batch; with --iters K ≥ 2 each start's input embeddings take K − 1 SGD steps (--lr) on the rewards
+(--rewards; default the run's reward.terms) through the soft-embedding decoder, and every iterate is
+a candidate (K counts iterations as ReNO and the paper's Table 6 do; 0 is plain Best-of-N). Each
+prompt keeps the candidate with the best combined selection score (--select; default CLIP score,
+ImageReward, HPS v2.1 and PickScore, or on the embedded world its CLIP and quality scores; each
+standardised over the prompt's candidates). Images are soft-decoded, as the rewards see them.
+Comma lists in --bon/--iters run every combination, each in its own folder, and a Table 6-style
+summary (seconds per prompt, mean scores) is printed. With --tracking-uri (or MLFLOW_TRACKING_URI)
+the images, scores and timings are logged to an MLflow run.
 """
 from __future__ import annotations
 
@@ -23,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint directory, or a run's output_dir (latest checkpoint)")
     p.add_argument("--out", required=True, help="folder for the images")
-    p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--num", type=int, default=None,
+                   help="number of images (default 64; with --tteo and --prompts: one per prompt)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64)
     mode = p.add_mutually_exclusive_group()
@@ -33,7 +47,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="class ids, comma separated (class-to-image)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (text-to-image)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    add_test_time_options(p)
     return p
+
+
+def add_test_time_options(p: argparse.ArgumentParser, lists: bool = True) -> None:
+    """--tteo and its options (shared with orchestrator.evaluate, which takes one configuration)."""
+    more = "; a comma list runs each" if lists else ""
+    tts = p.add_argument_group("test-time scaling (text-to-image)")
+    tts.add_argument("--tteo", action="store_true", help="Best-of-N with TTEO (the options below)")
+    tts.add_argument("--bon", default="4", help=f"N starts per prompt (default 4){more}")
+    tts.add_argument("--iters", default="4",
+                     help=f"TTEO iterations K (K − 1 SGD steps); 0 = plain Best-of-N (default 4){more}")
+    tts.add_argument("--lr", type=float, default=0.2, help="SGD learning rate on the embeddings (0.2)")
+    tts.add_argument("--rewards", default=None, metavar="NAME=W,...",
+                     help="rewards to optimise (default: the run's reward.terms)")
+    tts.add_argument("--select", default=None, metavar="NAME=W,...",
+                     help="selection rewards (default: clip, imagereward, hps_v21, pickscore; "
+                          "world: clip, quality)")
+    if lists:
+        tts.add_argument("--tracking-uri", default=None,
+                         help="MLflow URI to log to (default: $MLFLOW_TRACKING_URI; unset: no logging)")
+        tts.add_argument("--experiment", default="softdimo-generate", help="MLflow experiment name")
 
 
 def find_checkpoint(path: str) -> Path:
@@ -52,8 +87,11 @@ def conditions(args, teacher, ctx, names: list) -> tuple[list, object]:
     """The condition of each of the --num images: (descriptions, labels tensor or prompt list)."""
     import torch
 
-    n = args.num
+    n = args.num or 64
     if teacher.conditioning == "class":
+        if args.tteo:
+            raise UserError(f"{args.checkpoint}: test-time scaling needs a text-to-image checkpoint "
+                            "(this one is class-conditional)")
         if args.prompts:
             raise UserError(f"{args.checkpoint}: a class-conditional checkpoint takes --labels, not --prompts")
         ids = [int(x) for x in args.labels.split(",")] if args.labels else list(range(len(names)))
@@ -70,25 +108,66 @@ def conditions(args, teacher, ctx, names: list) -> tuple[list, object]:
         lines = [s.strip() for s in file.read_text().splitlines() if s.strip()]
         if not lines:
             raise UserError(f"--prompts: {file}: no prompts in the file")
+        n = args.num or (len(lines) if args.tteo else 64)
     else:
         lines = sorted(set(ctx.data.captions))
     prompts = [lines[i % len(lines)] for i in range(n)]
     return prompts, prompts
 
 
+def _ints(text: str, name: str, least: int) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{name}: expected integers, got {text!r}") from None
+    if not values or min(values) < least:
+        raise UserError(f"{name}: must be >= {least}, got {text!r}")
+    return values
+
+
+def _weights(text: str | None, name: str) -> dict:
+    if text is None:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        try:
+            out[key] = float(value) if sep else 1.0
+        except ValueError:
+            raise UserError(f"{name}: {item!r} is not NAME=WEIGHT") from None
+    return out
+
+
+def test_time_settings(args) -> list:
+    """The --tteo configurations, checked before any network is loaded."""
+    from trainers.config import ConfigValueError, TestTime, check_test_time
+
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    rewards, select = _weights(args.rewards, "--rewards"), _weights(args.select, "--select")
+    configs = [TestTime(bon=n, iters=k, lr=args.lr, rewards=rewards, select=select,
+                        batch=getattr(args, "batch_size", 64))
+               for n in _ints(args.bon, "--bon", 1) for k in _ints(args.iters, "--iters", 0)]
+    try:
+        for tt in configs:
+            check_test_time(tt, prefix="--")
+    except ConfigValueError as err:
+        raise UserError(str(err)) from None
+    return configs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.num <= 0 or args.batch_size <= 0:
+    if (args.num is not None and args.num <= 0) or args.batch_size <= 0:
         raise UserError("--num and --batch-size must be positive")
     if args.temperature is not None and args.temperature <= 0:
         raise UserError("--temperature must be > 0")
+    configs = test_time_settings(args) if args.tteo else []
     path = find_checkpoint(args.checkpoint)
     import torch
-    from torchvision.utils import save_image
 
     from trainers.checkpoint import load_generator, read_meta
     from trainers.loop import class_names
-    from trainers.sampling import one_step_tokens
     from trainers.state import build_context
 
     if args.threads:
@@ -96,16 +175,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = read_meta(path)
     cfg = from_dict(meta["config"], str(path / "meta.json"))
     ctx = build_context(cfg, rewards=False)
-    teacher = ctx.teacher
-    net = load_generator(teacher, path, ctx.device)
-    described, cond_source = conditions(args, teacher, ctx, class_names(ctx))
-    temperature = args.temperature or cfg.generator.temperature
-    g = torch.Generator(device=ctx.device).manual_seed(args.seed)
+    net = load_generator(ctx.teacher, path, ctx.device)
+    described, cond_source = conditions(args, ctx.teacher, ctx, class_names(ctx))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if configs:
+        from orchestrator.generate_tts import run_configs
+
+        return run_configs(args, configs, path, meta, cfg, ctx, net, described, out)
+    return _plain(args, path, meta, cfg, ctx, net, described, cond_source, out)
+
+
+def _plain(args, path, meta, cfg, ctx, net, described, cond_source, out: Path) -> int:
+    import torch
+    from torchvision.utils import save_image
+
+    from trainers.sampling import one_step_tokens
+
+    teacher, num = ctx.teacher, len(described)
+    temperature = args.temperature or cfg.generator.temperature
+    g = torch.Generator(device=ctx.device).manual_seed(args.seed)
     images = []
-    for start in range(0, args.num, args.batch_size):
-        chunk = slice(start, min(start + args.batch_size, args.num))
+    for start in range(0, num, args.batch_size):
+        chunk = slice(start, min(start + args.batch_size, num))
         if teacher.conditioning == "class":
             cond = teacher.encode_condition(labels=cond_source[chunk])
         else:

@@ -20,10 +20,10 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from evaluators.suite import METRICS
+from evaluators.suite import METRICS, TEST_TIME_METRICS
 from orchestrator.config import UserError, load_yaml, merge_checked, to_dict, validated
 from orchestrator.sweep_schema import SweepFile, SweepSpec, Trial
-from trainers.config import Config, ConfigValueError, check_values
+from trainers.config import Config, ConfigValueError, check_test_time, check_values
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("fifo", "asha")
@@ -95,6 +95,10 @@ def format_dry_run(spec: SweepSpec) -> str:
     evaluation = "off" if not f.evaluation.metrics or not f.evaluation.num_images else (
         f"{', '.join(f.evaluation.metrics)} on {f.evaluation.num_images} images at the end"
         + (f" and every {f.evaluation.every_images} images" if f.evaluation.every_images else ""))
+    tt = f.evaluation.test_time
+    if tt is not None and evaluation != "off":
+        evaluation += (f"; again with Best-of-{tt.bon}" + (f" + {tt.iters} TTEO iterations (lr {tt.lr:g})"
+                       if tt.iters > 1 else "") + " as eval/tts/*")
     lines = [
         f"sweep {f.name}" + (f": {f.description}" if f.description else ""),
         f"  file:        {spec.source}",
@@ -156,8 +160,13 @@ def _load_file(path: Path, items: list, source: str) -> SweepFile:
     return OmegaConf.to_object(cfg)
 
 
-def _produced(name: str, metrics: Sequence[str]) -> bool:
-    """Does the pool, computing ``metrics``, report eval/<name>?"""
+def _produced(name: str, metrics: Sequence[str], test_time: bool = False) -> bool:
+    """Does the pool, computing ``metrics`` (and test-time-scaled ones if asked), report eval/<name>?"""
+    if name.startswith("tts/"):
+        name = name[len("tts/"):]
+        metrics = [m for m in metrics if m in TEST_TIME_METRICS] if test_time else []
+        if name == "seconds_per_prompt":
+            return bool(metrics)
     head = name.split("/")[0]
     return head in metrics or any(name in EVAL_OUTPUTS.get(m, ()) for m in metrics)
 
@@ -166,6 +175,7 @@ def _check_file(f: SweepFile, source: str) -> None:
     """Range and consistency checks the type system cannot express; the first one found is raised."""
     sched, evaluation = f.scheduler, f.evaluation
     eval_metric = f.metric[len("eval/"):] if f.metric.startswith("eval/") else None
+    tts = evaluation.test_time is not None
     checks = [
         ("name", NAME_PATTERN.fullmatch(f.name), f"{f.name!r} may only use letters, digits, _ . -"),
         ("preset", f.preset.strip(), "must name a preset file"),
@@ -193,11 +203,16 @@ def _check_file(f: SweepFile, source: str) -> None:
         ("evaluation.temperatures", evaluation.temperatures and min(evaluation.temperatures) > 0,
          f"needs positive temperatures, got {evaluation.temperatures}"),
         ("evaluation.actors", evaluation.actors >= 1, f"must be >= 1, got {evaluation.actors}"),
+        ("evaluation.geneval_prompts_per_task", evaluation.geneval_prompts_per_task >= 1,
+         f"must be >= 1, got {evaluation.geneval_prompts_per_task}"),
+        ("evaluation.images_per_prompt", evaluation.images_per_prompt >= 1,
+         f"must be >= 1, got {evaluation.images_per_prompt}"),
         ("evaluation.cpus_per_actor", evaluation.cpus_per_actor > 0,
          f"must be > 0, got {evaluation.cpus_per_actor}"),
         ("evaluation.gpus_per_actor", evaluation.gpus_per_actor >= 0,
          f"must be >= 0, got {evaluation.gpus_per_actor}"),
-        ("metric", eval_metric is None or (_produced(eval_metric, evaluation.metrics) and evaluation.num_images),
+        ("metric", eval_metric is None or (_produced(eval_metric, evaluation.metrics, tts)
+                                           and evaluation.num_images),
          f"{f.metric} is never computed: needs {eval_metric.split('/')[0] if eval_metric else ''} in "
          "evaluation.metrics and evaluation.num_images > 0"),
     ]
@@ -220,6 +235,11 @@ def _check_file(f: SweepFile, source: str) -> None:
     for key, ok, problem in checks:
         if not ok:
             raise UserError(f"{source}: {key}: {problem}")
+    if tts:
+        try:
+            check_test_time(evaluation.test_time, prefix="evaluation.test_time.")
+        except ConfigValueError as err:
+            raise UserError(f"{source}: {err}") from None
 
 
 def _sampler(key: str, spec: Any, source: str) -> tuple[str, list]:

@@ -21,7 +21,10 @@ def eval_settings(evaluation: dict) -> dict:
     """The evaluators.suite.EvalSettings fields of a sweep's evaluation section."""
     return {"metrics": list(evaluation["metrics"]), "num_images": evaluation["num_images"],
             "temperatures": list(evaluation["temperatures"]), "seed": evaluation["seed"],
-            "reference": evaluation["reference"], "paths": dict(evaluation["weights"])}
+            "reference": evaluation["reference"], "paths": dict(evaluation["weights"]),
+            "test_time": evaluation.get("test_time"),
+            "geneval_prompts_per_task": evaluation.get("geneval_prompts_per_task", 8),
+            "images_per_prompt": evaluation.get("images_per_prompt", 4)}
 
 
 def evaluated(sweep_ctx: dict, key: str) -> list[dict]:

@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from trainers.config import TestTime
+
 
 @dataclass
 class SchedulerSection:
@@ -50,7 +52,11 @@ class EvaluationSection:
     cpus_per_actor: float = 0.5          # logical CPUs; leaves a 2-core machine room for a trial
     gpus_per_actor: float = 0.0
     reference: Optional[str] = None      # FID reference npz (mu, sigma[, arr_0]); default the ADM batch
+    geneval_prompts_per_task: int = 8    # GenEval-world: prompts per task (six tasks)
+    images_per_prompt: int = 4           # GenEval and GenEval-world: images per prompt
     weights: Dict[str, str] = field(default_factory=dict)   # weights key -> explicit local path
+    # Best-of-N / TTEO: prompt-based metrics are also reported as eval/tts/<metric> (text-to-image)
+    test_time: Optional[TestTime] = None
 
 
 @dataclass

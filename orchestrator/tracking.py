@@ -275,6 +275,22 @@ def log_files(uri: str, run_id: str, paths: list[Path], artifact_path: str | Non
         client.log_artifact(run_id, str(path), artifact_path)
 
 
+def log_run(uri: str, experiment: str, run_name: str, params: dict, metrics: dict,
+            folders: list[tuple[Path, str]]) -> str:
+    """A one-off finished run (e.g. a generation): params, metrics at step 0, folders as artifacts."""
+    client = _client(uri)
+    run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name)
+    run_id = run.info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, str(value))
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value), step=0)
+    for folder, artifact_path in folders:
+        client.log_artifacts(run_id, str(folder), artifact_path)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 def _is_permanent(err: Exception) -> bool:
     """Retrying cannot help (bad value, missing file): drop the record rather than block the spool."""
     if isinstance(err, MlflowException):

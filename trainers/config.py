@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 TEACHER_KINDS = ("world_c2i", "world_t2i")
 WORLD_SPECS = ("full", "test")
@@ -197,6 +197,40 @@ def check_values(cfg: Config) -> None:
         _non_negative(f"reward.terms.{i}.weight", term.weight)
     if cfg.reward.weight > 0 and not cfg.reward.terms:
         raise ConfigValueError("reward.terms", "reward.weight > 0 needs at least one term")
+
+
+@dataclass
+class TestTime:
+    """Test-time scaling settings (the generate CLI, the evaluator pool and sweep files share them)."""
+    __test__ = False                     # not a pytest class, whatever its name
+
+    bon: int = 4                         # N: starts per prompt (Best-of-N)
+    iters: int = 0                       # K: TTEO iterations (K − 1 SGD steps); 0 or 1 = Best-of-N
+    lr: float = 0.2                      # SGD learning rate (paper: 0.2, no gradient clipping)
+    rewards: Dict[str, float] = field(default_factory=dict)  # optimised; {}: the run's reward.terms
+    select: Dict[str, float] = field(default_factory=dict)   # selection; {}: the four (world: 2)
+    batch: int = 64                      # images per batch: prompts × N (at least one prompt)
+
+
+def check_test_time(tt: TestTime, prefix: str = "") -> None:
+    """ConfigValueError naming the offending field (``prefix`` + field) for the CLIs and sweeps."""
+    if tt.bon < 1:
+        raise ConfigValueError(prefix + "bon", f"must be >= 1, got {tt.bon}")
+    if tt.iters < 0:
+        raise ConfigValueError(prefix + "iters", f"must be >= 0, got {tt.iters}")
+    if not tt.lr > 0:
+        raise ConfigValueError(prefix + "lr", f"must be > 0, got {tt.lr}")
+    if tt.batch < 1:
+        raise ConfigValueError(prefix + "batch", f"must be >= 1, got {tt.batch}")
+    for key in ("rewards", "select"):
+        for name, weight in getattr(tt, key).items():
+            if name not in REWARD_NAMES:
+                raise ConfigValueError(prefix + key, f"unknown reward {name!r}; known: "
+                                       f"{', '.join(REWARD_NAMES)}")
+            if weight < 0:
+                raise ConfigValueError(prefix + key, f"weight of {name!r} must be >= 0, got {weight}")
+        if getattr(tt, key) and not any(w > 0 for w in getattr(tt, key).values()):
+            raise ConfigValueError(prefix + key, "needs at least one reward with a positive weight")
 
 
 def config_hash(resolved: dict) -> str:

@@ -102,19 +102,22 @@ def build_context(cfg: Config, progress: bool = True,
     wd = world.data(track)
     data = DataSource(tokens=wd.tokens.to(device), labels=wd.labels.to(device),
                       captions=list(wd.captions))
-    reward_fns = {}
-    for term in (cfg.reward.terms if rewards else []):   # generation and evaluation need none
-        if term.name == "clip":
-            reward_fns["clip"] = world.clip_score
-        elif term.name == "quality":
-            quality = world.quality
-            reward_fns["quality"] = lambda images, prompts, q=quality: q(images)
-        elif reward_factory is None:
-            raise ConfigValueError("reward.terms", f"{term.name!r} needs a scorer factory "
-                                   "(run through orchestrator.train or a sweep)")
-        else:
-            reward_fns[term.name] = reward_factory(term.name, device)
+    reward_fns = {term.name: make_reward(term.name, world, device, reward_factory)
+                  for term in (cfg.reward.terms if rewards else [])}  # sampling needs none
     return TrainContext(teacher=teacher, data=data, rewards=reward_fns, device=device, world=world)
+
+
+def make_reward(name: str, world: Any, device: torch.device,
+                reward_factory: Callable[[str, torch.device], RewardFn] | None = None) -> RewardFn:
+    """The reward called ``name`` (trainers.config.REWARD_NAMES) as images, prompts -> [B]."""
+    if name == "clip" and world is not None:
+        return world.clip_score
+    if name == "quality" and world is not None:
+        return lambda images, prompts, q=world.quality: q(images)
+    if reward_factory is None:
+        raise ConfigValueError("reward.terms", f"{name!r} needs a scorer factory "
+                               "(run through orchestrator.train or a sweep)")
+    return reward_factory(name, device)
 
 
 def _warmup(warmup_steps: int) -> Callable[[int], float]:

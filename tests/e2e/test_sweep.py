@@ -38,7 +38,8 @@ def tiny(out: Path, *extra: str, sqlite: bool = True) -> list:
     """Overrides that shrink any sweep to the test world and two steps per trial."""
     args = ["world.spec=test", "train.steps=2", "train.checkpoint_every=1", "train.log_every=1",
             "train.grid_size=4", "train.batch_size=8", "sweep.evaluation.num_images=32",
-            "sweep.evaluation.cpus_per_actor=0.25",
+            "sweep.evaluation.cpus_per_actor=0.25", "sweep.evaluation.geneval_prompts_per_task=1",
+            "sweep.evaluation.images_per_prompt=1",
             f"sweep.output_dir={out}", "sweep.max_concurrent_trials=2", "--quiet", *extra]
     if sqlite:
         args.append(f"sweep.tracking.uri=sqlite:///{out}/mlflow.db")
@@ -77,9 +78,15 @@ def check_shipped(sweep_dir: Path, uri: str) -> None:
         evals = [json.loads(line) for line in (sweep_dir / "trials" / key / "eval.jsonl").read_text().splitlines()]
         assert [e["step"] for e in evals] == [2]          # the pool scored the final checkpoint once
         assert evals[0]["metrics"]["eval/world_fid"] >= 0.0
+        if state["file"]["evaluation"]["test_time"]:        # clip_weight: with and without TTS
+            for metric in ("geneval_world", "world_clip"):
+                assert {f"eval/{metric}", f"eval/tts/{metric}"} <= set(evals[0]["metrics"])
+            assert evals[0]["metrics"]["eval/tts/seconds_per_prompt"] > 0
     runs = mlflow_children(uri, sweep_dir.name)
     for run in runs:                                   # ... and its result is in the trial's run
         assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "eval/world_fid")] == [2]
+        if state["file"]["evaluation"]["test_time"]:
+            assert tracking.metric_history(uri, run.info.run_id, "eval/tts/geneval_world")[0][0] == 2
     assert [r.data.tags["softdimo.trial"] for r in runs] == sorted(found)
     assert all(r.info.status == "FINISHED" for r in runs)
     for run, trial in zip(runs, state["trials"]):

@@ -182,11 +182,17 @@ def test_shipped_sweeps(tmp_path, name, preset, key, values):
     assert (ROOT / "sweeps" / f"{name}.yaml").read_text().startswith("# ")  # says what it reproduces
 
 
-def test_clip_weight_keeps_quality_at_one(tmp_path):
+def test_clip_weight_keeps_quality_at_one_and_reports_test_time_scaling(tmp_path):
     spec = load_sweep(ROOT / "sweeps" / "clip_weight.yaml", cwd=tmp_path)
     for trial in spec.trials:
         assert trial.config["reward"]["terms"][0] == {"name": "quality", "weight": 1.0}
         assert trial.config["reward"]["terms"][1]["name"] == "clip"
+    from orchestrator.sweep_eval import eval_settings
+    from dataclasses import asdict
+
+    settings = eval_settings(asdict(spec.file.evaluation))
+    assert settings["test_time"]["bon"] == 4 and settings["test_time"]["iters"] == 4
+    assert "again with Best-of-4 + 4 TTEO iterations" in format_dry_run(spec)
 
 
 # --- validation: one line naming the file and the key --------------------------------------------
@@ -249,6 +255,18 @@ ERRORS = [  # (sweep file body after name/preset, overrides, what the message mu
     ("evaluation: {metrics: [prdc]}\nmetric: eval/precision\nmode: max\n", [], None),
     ("evaluation: {num_images: -1}\n", [], "evaluation.num_images: must be >= 0"),
     ("evaluation: {num_images: 0}\n", [], "metric: eval/world_fid is never computed"),
+    ("evaluation: {test_time: {bon: 0}}\n", [], "evaluation.test_time.bon: must be >= 1"),
+    ("evaluation: {test_time: {lr: -0.2}}\n", [], "evaluation.test_time.lr: must be > 0"),
+    ("evaluation: {test_time: {rewards: {aesthetic: 1}}}\n", [],
+     "evaluation.test_time.rewards: unknown reward 'aesthetic'"),
+    ("evaluation: {test_time: {itres: 4}}\n", [], "evaluation.test_time.itres"),
+    ("evaluation: {geneval_prompts_per_task: 0}\n", [], "evaluation.geneval_prompts_per_task: must be >= 1"),
+    ("evaluation: {metrics: [geneval_world]}\nmetric: eval/tts/geneval_world\nmode: max\n", [],
+     "metric: eval/tts/geneval_world is never computed"),
+    ("evaluation: {metrics: [geneval_world], test_time: {bon: 4, iters: 4}}\n"
+     "metric: eval/tts/geneval_world\nmode: max\n", [], None),
+    ("evaluation: {metrics: [world_fid], test_time: {bon: 4}}\nmetric: eval/tts/world_fid\n", [],
+     "metric: eval/tts/world_fid is never computed"),
 ]
 
 
