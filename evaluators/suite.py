@@ -105,8 +105,11 @@ class Student:
     cfg: object
     teacher: object
     net: torch.nn.Module
-    world: object
+    world: object                       # None for a real teacher
     track: str
+    prompts: list = field(default_factory=list)   # a real text teacher's prompts (data.captions)
+    teacher_steps: int = 0              # > 0: generate with the teacher's own sampler (baselines)
+    teacher_cfg: float = 1.0
 
 
 def load_student(checkpoint: Path, device: torch.device) -> Student:
@@ -120,8 +123,9 @@ def load_student(checkpoint: Path, device: torch.device) -> Student:
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), meta["config"]))
     cfg.train.device = device.type
     ctx = build_context(cfg, progress=False, rewards=False)
-    track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
-    return Student(cfg, ctx.teacher, load_generator(ctx.teacher, checkpoint, ctx.device), ctx.world, track)
+    track = "c2i" if ctx.teacher.conditioning == "class" else "t2i"
+    return Student(cfg, ctx.teacher, load_generator(ctx.teacher, checkpoint, ctx.device), ctx.world,
+                   track, list(ctx.data.captions) if track == "t2i" else [])
 
 
 class Evaluator:
@@ -214,10 +218,12 @@ class Evaluator:
         from softdimo.world.scenes import class_names
 
         if student.track == "c2i":
-            names = class_names()
+            names = class_names() if student.world is not None else [
+                f"class {i}" for i in range(student.teacher.num_classes)]
             conds = eval_conditions(student.teacher, n, len(names), [])
             return conds, [names[c] for c in conds]
-        captions = student.world.reference("t2i").captions
+        # the world's held-out captions; a real teacher's own prompt list (data.captions)
+        captions = student.world.reference("t2i").captions if student.world is not None else student.prompts
         conds = eval_conditions(student.teacher, n, 1, captions)
         return conds, list(conds)
 
@@ -228,8 +234,14 @@ class Evaluator:
 
         if temperature is None:
             return self._test_time(student, conds).images
-        g = student.cfg.generator
-        sample = student_sampler(student.teacher, student.net, g.init_mask_ratio, g.embed_noise, temperature)
+        g, t = student.cfg.generator, student.teacher
+        if student.teacher_steps:
+            from evaluators.world_eval import teacher_sampler
+
+            sample = teacher_sampler(t, student.teacher_steps, student.teacher_cfg, temperature,
+                                     t.sampling["randomize"])
+        else:
+            sample = student_sampler(t, student.net, g.init_mask_ratio, g.embed_noise, temperature)
         return generate_images(sample, student.teacher, conds, self.settings.seed,
                                batch=self.settings.batch, device=self.device,
                                progress=self.progress, desc=f"sampling T={temperature:g}")
@@ -253,6 +265,9 @@ class Evaluator:
             return cache[n]
 
         for metric in metrics or s.metrics:
+            if metric in WORLD_METRICS and student.world is None:
+                raise ValueError(f"{metric} needs the embedded world; a real teacher uses fid5k, "
+                                 "fid50k, is, prdc, clip, hps, ... (evaluators.suite.METRICS)")
             if metric == "geneval_world":
                 out.update(self._geneval_world(student, temperature))
                 continue
@@ -325,9 +340,24 @@ class Evaluator:
                                         temperature))
         return _geneval_values("geneval", summarise(evaluate_images(meta, images, ipp, detector, colours)))
 
+    def evaluate_teacher(self, cfg, steps: int, guidance: float | None = None) -> dict:
+        """The same metrics for the teacher of config ``cfg`` sampled with its own multi-step
+        sampler (``steps`` steps, CFG ``guidance``, default the teacher's published one): the
+        baselines of the paper's Tables 2 and 11."""
+        from trainers.state import build_context
+
+        ctx = build_context(cfg, progress=False, rewards=False)
+        guidance = ctx.teacher.sampling["cfg"] if guidance is None else guidance
+        track = "c2i" if ctx.teacher.conditioning == "class" else "t2i"
+        student = Student(cfg, ctx.teacher, None, ctx.world, track,
+                          list(ctx.data.captions) if track == "t2i" else [], steps, guidance)
+        return self._evaluate(student)
+
     def evaluate(self, checkpoint: str | Path) -> dict:
         """{"eval/<metric>": value, ..., "eval/temperature": best T} for one checkpoint."""
-        student = load_student(Path(checkpoint), self.device)
+        return self._evaluate(load_student(Path(checkpoint), self.device))
+
+    def _evaluate(self, student: Student) -> dict:
         primary = self.settings.metrics[0]
         best, best_key = None, math.inf
         per_t = {}

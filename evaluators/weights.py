@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from softdimo.checkpoints import StateDictMismatch, load_strict
 
-import torch
+__all__ = ["WEIGHTS_ENV", "WEIGHT_FILES", "WeightFile", "WeightsMissing", "StateDictMismatch",
+           "resolve", "expected_files", "set_offline_env", "load_strict"]
 
 WEIGHTS_ENV = "SOFTDIMO_WEIGHTS"
 
@@ -102,10 +103,6 @@ class WeightsMissing(FileNotFoundError):
     path: Path | None
 
 
-class StateDictMismatch(RuntimeError):
-    """A checkpoint's keys or shapes do not fit the network built from code."""
-
-
 def _entry(key: str) -> WeightFile:
     if key not in WEIGHT_FILES:
         raise KeyError(f"unknown weights key {key!r}; known keys: {', '.join(WEIGHT_FILES)}")
@@ -162,28 +159,3 @@ def set_offline_env() -> None:
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-
-def _preview(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} [{shown}{', ...' if len(keys) > limit else ''}]"
-
-
-def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
-                source: str) -> None:
-    """Load ``state_dict`` into ``module`` after checking that keys and shapes match exactly.
-
-    Raises StateDictMismatch naming ``source`` and listing missing keys, unexpected keys and
-    shape mismatches, so a wrong checkpoint never loads half-way.
-    """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
-                    for k in set(expected) & set(state_dict)
-                    if tuple(state_dict[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or shapes:
-        raise StateDictMismatch(
-            f"{source} does not fit {type(module).__name__}: missing keys {_preview(missing)}, "
-            f"unexpected keys {_preview(unexpected)}, shape mismatches {_preview(shapes)}")
-    module.load_state_dict(state_dict, strict=True)

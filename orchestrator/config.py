@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from softdimo.teachers import FAMILIES, TeacherFilesMissing, check_paths
 from trainers.config import Config, ConfigValueError, check_values
 
 
@@ -71,12 +72,25 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def validated(cfg: DictConfig, source: str) -> Config:
+    """Range checks, then (real teachers) that every weight and data file exists: a preset whose
+    files are absent stops here, before any work, naming the key and the path."""
     obj = OmegaConf.to_object(cfg)
     try:
         check_values(obj)
-    except ConfigValueError as err:
+        check_files(obj)
+    except (ConfigValueError, TeacherFilesMissing) as err:
         raise UserError(f"{source}: {err.key}: {err.message}") from None
     return obj
+
+
+def check_files(cfg: Config) -> None:
+    """TeacherFilesMissing for an absent teacher file (teacher.paths) or data file (data.*)."""
+    if cfg.teacher.kind in FAMILIES:
+        check_paths(cfg.teacher.kind, cfg.teacher.paths)
+    for key in ("tokens", "captions"):
+        value = getattr(cfg.data, key)
+        if value and not Path(value).expanduser().is_file():
+            raise TeacherFilesMissing(f"data.{key}", f"{value} is not an existing file")
 
 
 def to_dict(cfg: Config) -> dict:

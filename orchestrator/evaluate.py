@@ -59,10 +59,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="do not write results to MLflow")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
-    p.add_argument("--teacher", choices=("world_c2i", "world_t2i"),
+    p.add_argument("--teacher", metavar="world_c2i|world_t2i|PRESET.yaml",
                    help="world-FID of a world teacher at several step counts instead")
     p.add_argument("--steps", default="1,2,4,8,16", help="teacher sampling steps (with --teacher)")
-    p.add_argument("--cfg", type=float, default=2.0, help="teacher CFG weight (with --teacher)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="teacher CFG weight (with --teacher; default 2 on the world, else the teacher's published one)")
     p.add_argument("--world", default="full", choices=("full", "test"), help="world (with --teacher)")
     from orchestrator.generate import add_test_time_options
 
@@ -180,6 +181,38 @@ def evaluate_checkpoints(args) -> list[dict]:
     return rows
 
 
+def evaluate_real_teacher(args) -> list[dict]:
+    """--teacher PRESET.yaml: the preset's teacher sampled with its own sampler at each --steps,
+    scored with --metrics (teacher baselines, the paper's Tables 2 and 11)."""
+    import torch
+
+    from evaluators.suite import Evaluator
+    from evaluators.weights import WeightsMissing
+    from orchestrator.config import load_config
+    from trainers.state import resolve_device
+
+    if not Path(args.teacher).is_file():
+        raise UserError(f"--teacher: {args.teacher}: expected world_c2i, world_t2i or a preset file")
+    cfg = load_config(args.teacher)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = _settings(args)
+    try:
+        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=True)
+    except WeightsMissing as err:
+        raise UserError(str(err)) from None
+    rows = []
+    for steps in [int(s) for s in _floats(args.steps, "--steps")]:
+        name = f"teacher {steps} steps" + (f", cfg {args.cfg:g}" if args.cfg is not None else "")
+        try:
+            metrics = evaluator.evaluate_teacher(cfg, steps, args.cfg)
+        except (ValueError, WeightsMissing) as err:
+            raise UserError(f"{args.teacher}: {err}") from None
+        rows.append({"name": name, "metrics": metrics})
+        print(f"{name}: " + "  ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()), flush=True)
+    return rows
+
+
 def evaluate_teacher(args) -> list[dict]:
     import torch
 
@@ -198,8 +231,9 @@ def evaluate_teacher(args) -> list[dict]:
     rows = []
     for steps in [int(s) for s in _floats(args.steps, "--steps")]:
         for t in _floats(args.temperatures, "--temperatures"):
-            name = f"teacher {steps} steps, cfg {args.cfg:g}, T {t:g}"
-            images = generate_images(teacher_sampler(teacher, steps, args.cfg, t), teacher, conds,
+            guidance = 2.0 if args.cfg is None else args.cfg
+            name = f"teacher {steps} steps, cfg {guidance:g}, T {t:g}"
+            images = generate_images(teacher_sampler(teacher, steps, guidance, t), teacher, conds,
                                      args.seed, device=device, desc=name)
             rows.append({"name": name, "metrics": {"eval/world_fid": world_fid(
                 world.features, images, reference.images, device=device)}})
@@ -211,7 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if bool(args.target) == bool(args.teacher):
         raise UserError("give either a target (checkpoint, sweep or MLflow run) or --teacher")
-    rows = evaluate_teacher(args) if args.teacher else evaluate_checkpoints(args)
+    if args.teacher and args.teacher not in ("world_c2i", "world_t2i"):
+        rows = evaluate_real_teacher(args)
+    else:
+        rows = evaluate_teacher(args) if args.teacher else evaluate_checkpoints(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"num": args.num, "seed": args.seed, "rows": rows}, indent=2))

@@ -63,7 +63,7 @@ def run_configs(args, configs: list, path: Path, meta: dict, cfg, ctx, net, prom
     from orchestrator.train import reward_factory
     from trainers.config import ConfigValueError
 
-    track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
+    track = "c2i" if ctx.teacher.conditioning == "class" else "t2i"
     student = Student(cfg, ctx.teacher, net, ctx.world, track)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     results = []

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from evaluators.suite import METRICS, TEST_TIME_METRICS
-from orchestrator.config import UserError, load_yaml, merge_checked, to_dict, validated
+from orchestrator.config import UserError, check_files, load_yaml, merge_checked, to_dict, validated
+from softdimo.teachers import TeacherFilesMissing
 from orchestrator.sweep_schema import SweepFile, SweepSpec, Trial
 from trainers.config import Config, ConfigValueError, check_test_time, check_values
 
@@ -331,7 +332,8 @@ class _Layers:
         obj = OmegaConf.to_object(cfg)
         try:
             check_values(obj)
-        except ConfigValueError as err:
+            check_files(obj)
+        except (ConfigValueError, TeacherFilesMissing) as err:
             raise UserError(self.blame(err, key, values)) from None
         return to_dict(obj), chosen
 

@@ -71,8 +71,7 @@ def save_checkpoint(st: TrainState, output_dir: str | Path, meta: dict, keep: in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in st.modules().items():
-        sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(sd, str(tmp / f"{name}.safetensors"))
+        save_module(module, tmp / f"{name}.safetensors")
     tensors, optim_meta = {}, {"optimizers": {}, "schedulers": {}}
     for name, opt in st.optimizers.items():
         optim_meta["optimizers"][name] = _flatten_optimizer(name, opt.state_dict(), tensors)
@@ -117,12 +116,33 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / META).read_text())
 
 
+def save_module(module: torch.nn.Module, file: Path) -> None:
+    """A module's state dict as safetensors. Tied weights (e.g. MaskGen's LM head, which is its
+    embedding table) are stored once; the other names are recorded as aliases in the metadata."""
+    sd, aliases, seen = {}, {}, {}
+    for key, value in module.state_dict().items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                 tuple(value.stride()))
+        if value.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        sd[key] = value.detach().contiguous().cpu()
+    save_file(sd, str(file), metadata={"aliases": json.dumps(aliases)} if aliases else None)
+
+
 def load_weights(path: str | Path, name: str, device: torch.device | str = "cpu") -> dict:
-    """One module's state dict from ``<path>/<name>.safetensors`` (no pickle)."""
+    """One module's state dict from ``<path>/<name>.safetensors`` (no pickle), aliases restored."""
+    from safetensors import safe_open
+
     file = Path(path) / f"{name}.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: not a softdimo checkpoint directory")
-    return load_file(str(file), device=str(device))
+    state = load_file(str(file), device=str(device))
+    with safe_open(str(file), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state.update({alias: state[kept] for alias, kept in aliases.items()})
+    return state
 
 
 def load_checkpoint(st: TrainState, path: str | Path) -> dict:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-TEACHER_KINDS = ("world_c2i", "world_t2i")
+from softdimo.teachers import FAMILIES, TEACHER_KINDS, WORLD_KINDS   # the registry; imports no torch
+
 WORLD_SPECS = ("full", "test")
 EMBEDDING_KINDS = ("soft", "gumbel_st")
 DIVERGENCES = ("fkl", "rkl", "jeffreys")
@@ -33,7 +34,16 @@ class WorldSection:
 
 @dataclass
 class TeacherSection:
-    kind: str = "world_c2i"
+    kind: str = "world_c2i"             # world_c2i | world_t2i | a real family (softdimo.teachers)
+    paths: Dict[str, str] = field(default_factory=dict)    # real teachers: their local weight files
+    options: Dict[str, Any] = field(default_factory=dict)  # real teachers: family options (sizes)
+
+
+@dataclass
+class DataSection:
+    """The data sets of Algorithm 1 for real teachers (the embedded world brings its own)."""
+    tokens: Optional[str] = None        # D_d: safetensors, "tokens" [N, L] ids (+ "labels" [N]); the GAN's real side
+    captions: Optional[str] = None      # D_c: prompts, one per line (text teachers; row i goes with tokens[i])
 
 
 @dataclass
@@ -111,6 +121,7 @@ class Config:
     output_dir: str = "runs/default"
     world: WorldSection = field(default_factory=WorldSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     embedding: EmbeddingSection = field(default_factory=EmbeddingSection)
     dimo: DimoSection = field(default_factory=DimoSection)
@@ -152,10 +163,32 @@ def _unit_range(key: str, values: List[float], lengths: tuple = (2,)) -> None:
         raise ConfigValueError(key, f"needs a <= b, got [{values[0]}, {values[1]}]")
 
 
+def _check_teacher_and_data(cfg: Config) -> None:
+    """What the world needs nothing of, and what a real teacher cannot run without."""
+    kind, data = cfg.teacher.kind, cfg.data
+    if kind in WORLD_KINDS:
+        for key in ("teacher.paths", "teacher.options", "data.tokens", "data.captions"):
+            section, name = key.split(".")
+            if getattr(getattr(cfg, section), name):
+                raise ConfigValueError(key, f"is for real teachers; {kind} brings its own")
+        return
+    family = FAMILIES[kind]
+    if cfg.gan.weight > 0 and not data.tokens:
+        raise ConfigValueError("data.tokens", f"the GAN (gan.weight {cfg.gan.weight:g}) needs real "
+                               "tokens: a safetensors file with 'tokens' [N, L]")
+    if family.conditioning == "text" and not data.captions:
+        raise ConfigValueError("data.captions", "a text-to-image teacher needs prompts (one per line)")
+    for i, term in enumerate(cfg.reward.terms):
+        if term.name == "quality":
+            raise ConfigValueError(f"reward.terms.{i}.name", "'quality' is the embedded world's "
+                                   "reward; real teachers use imagereward, hps, hps_v21, pickscore, clip")
+
+
 def check_values(cfg: Config) -> None:
     """Range checks that the type system cannot express; raises ConfigValueError(key, message)."""
     _choice("world.spec", cfg.world.spec, WORLD_SPECS)
     _choice("teacher.kind", cfg.teacher.kind, TEACHER_KINDS)
+    _check_teacher_and_data(cfg)
     t = cfg.train
     for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "grid_size"):
         _positive(f"train.{key}", getattr(t, key))
@@ -189,8 +222,8 @@ def check_values(cfg: Config) -> None:
     _non_negative("gan.start_step", cfg.gan.start_step)
     _non_negative("gan.feature_noise", cfg.gan.feature_noise)
     _positive("gan.head_channels", cfg.gan.head_channels)
-    if not 1 <= len(cfg.gan.layers) <= 4:
-        raise ConfigValueError("gan.layers", f"needs 1 to 4 teacher layers, got {len(cfg.gan.layers)}")
+    if not 1 <= len(cfg.gan.layers) <= 8:    # Table 5: 4 heads (MaskGit, MaskBit), 6 (MaskGen)
+        raise ConfigValueError("gan.layers", f"needs 1 to 8 teacher layers, got {len(cfg.gan.layers)}")
     _non_negative("reward.weight", cfg.reward.weight)
     for i, term in enumerate(cfg.reward.terms):
         _choice(f"reward.terms.{i}.name", term.name, REWARD_NAMES)

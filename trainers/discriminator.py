@@ -39,10 +39,10 @@ class ConvHead(nn.Module):
 class DiscriminatorHeads(nn.Module):
     """The trainable part η: one ConvHead per selected teacher layer, then an MLP over [heads, r]."""
 
-    def __init__(self, width: int, seq_len: int, layers: Sequence[int], channels: int = 64):
+    def __init__(self, width: int, feature_len: int, layers: Sequence[int], channels: int = 64):
         super().__init__()
         self.layers = tuple(int(i) for i in layers)
-        self.heads = nn.ModuleList(ConvHead(width, channels, seq_len) for _ in self.layers)
+        self.heads = nn.ModuleList(ConvHead(width, channels, feature_len) for _ in self.layers)
         self.mlp = nn.Sequential(
             nn.Linear(channels * len(self.layers) + 1, channels), nn.SiLU(), nn.Linear(channels, 1),
         )

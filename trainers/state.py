@@ -15,7 +15,7 @@ from torch import nn
 
 from softdimo.teachers.protocol import Teacher
 from trainers import distributed as dist
-from trainers.config import Config, ConfigValueError
+from trainers.config import WORLD_KINDS, Config, ConfigValueError
 from trainers.discriminator import DiscriminatorHeads
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
@@ -25,17 +25,18 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 class DataSource:
     """Real tokens with their conditions (the data set D_d, and D_c through its conditions)."""
 
-    tokens: torch.Tensor            # [N, L] long
+    tokens: torch.Tensor | None     # [N, L] long; None: conditions only (no GAN)
     labels: torch.Tensor            # [N] long (class ids; -1 for text-to-image)
     captions: list                  # N strings (class names for class-to-image)
 
-    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """-> (tokens [B, L], labels [B], prompts) drawn uniformly with replacement."""
-        idx = torch.randint(0, self.tokens.shape[0], (batch,), generator=generator,
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor, list]:
+        """-> (tokens [B, L] or None, labels [B], prompts) drawn uniformly with replacement."""
+        idx = torch.randint(0, self.labels.shape[0], (batch,), generator=generator,
                             device=generator.device)
         idx_cpu = idx.cpu()
         prompts = [self.captions[i] for i in idx_cpu.tolist()]
-        return self.tokens[idx_cpu].to(idx.device), self.labels[idx_cpu].to(idx.device), prompts
+        tokens = None if self.tokens is None else self.tokens[idx_cpu].to(idx.device)
+        return tokens, self.labels[idx_cpu].to(idx.device), prompts
 
 
 @dataclass
@@ -95,6 +96,14 @@ def build_context(cfg: Config, progress: bool = True,
     from softdimo.world.store import load_world
 
     device = resolve_device(cfg.train.device)
+    if cfg.teacher.kind not in WORLD_KINDS:
+        from softdimo.teachers import load_teacher
+
+        teacher = load_teacher(cfg.teacher.kind, cfg.teacher.paths, cfg.teacher.options, device)
+        reward_fns = {term.name: make_reward(term.name, None, device, reward_factory)
+                      for term in (cfg.reward.terms if rewards else [])}
+        return TrainContext(teacher=teacher, data=real_data(cfg, teacher, device),
+                            rewards=reward_fns, device=device)
     world = load_world(cfg.world.spec, cfg.world.cache_dir, build_if_missing=True, device=device,
                        progress=progress)
     track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
@@ -107,6 +116,40 @@ def build_context(cfg: Config, progress: bool = True,
     return TrainContext(teacher=teacher, data=data, rewards=reward_fns, device=device, world=world)
 
 
+def real_data(cfg: Config, teacher: Teacher, device: torch.device) -> DataSource:
+    """D_d and D_c of a real teacher from ``data.tokens`` / ``data.captions`` (see DataSection)."""
+    from pathlib import Path
+
+    tokens, labels, captions = None, None, None
+    if cfg.data.captions:
+        captions = [s.strip() for s in Path(cfg.data.captions).read_text().splitlines() if s.strip()]
+        if not captions:
+            raise ConfigValueError("data.captions", f"{cfg.data.captions}: no prompts in the file")
+    if cfg.data.tokens:
+        from softdimo.checkpoints import read_tensors
+
+        stored = read_tensors(cfg.data.tokens)
+        tokens = stored["tokens"].long().reshape(stored["tokens"].shape[0], -1)
+        if tokens.shape[1] != teacher.seq_len or int(tokens.min()) < 0 or int(tokens.max()) >= teacher.V:
+            raise ConfigValueError("data.tokens", f"{cfg.data.tokens}: tokens must be [N, {teacher.seq_len}] "
+                                   f"ids in [0, {teacher.V}), got {list(tokens.shape)} in "
+                                   f"[{int(tokens.min())}, {int(tokens.max())}]")
+        if teacher.conditioning == "class":
+            if "labels" not in stored:
+                raise ConfigValueError("data.tokens", f"{cfg.data.tokens}: a class teacher needs 'labels' [N]")
+            labels = stored["labels"].long()
+        elif captions is not None and len(captions) != tokens.shape[0]:
+            raise ConfigValueError("data.captions", f"{len(captions)} prompts for {tokens.shape[0]} token rows")
+    if teacher.conditioning == "class":
+        if labels is None:                       # no data: classes drawn uniformly
+            labels = torch.arange(teacher.num_classes)
+        captions = [f"class {int(i)}" for i in labels]
+    else:
+        labels = torch.full((len(captions),), -1, dtype=torch.long)
+    return DataSource(tokens=None if tokens is None else tokens.to(device), labels=labels.to(device),
+                      captions=captions)
+
+
 def make_reward(name: str, world: Any, device: torch.device,
                 reward_factory: Callable[[str, torch.device], RewardFn] | None = None) -> RewardFn:
     """The reward called ``name`` (trainers.config.REWARD_NAMES) as images, prompts -> [B]."""
@@ -117,7 +160,7 @@ def make_reward(name: str, world: Any, device: torch.device,
     if reward_factory is None:
         raise ConfigValueError("reward.terms", f"{name!r} needs a scorer factory "
                                "(run through orchestrator.train or a sweep)")
-    return reward_factory(name, device)
+    return reward_factory(name, device)   # without a world, "clip" is the real CLIP score
 
 
 def _warmup(warmup_steps: int) -> Callable[[int], float]:
@@ -142,7 +185,7 @@ def build_state(cfg: Config, ctx: TrainContext) -> TrainState:
     if cfg.gan.weight > 0 and any(not -depth <= i < depth for i in cfg.gan.layers):
         raise ConfigValueError("gan.layers", f"{list(cfg.gan.layers)} out of range for a teacher of "
                                f"{depth} blocks (use indices in [{-depth}, {depth - 1}])")
-    heads = DiscriminatorHeads(teacher.hidden_width, teacher.seq_len, cfg.gan.layers,
+    heads = DiscriminatorHeads(teacher.hidden_width, teacher.feature_len, cfg.gan.layers,
                                cfg.gan.head_channels).to(ctx.device)
     t = cfg.train
     optimizers = {

@@ -28,6 +28,10 @@ class Teacher(Protocol):
     conditioning: str           # "class" | "text"
     depth: int                  # number of backbone blocks (layers the discriminator can tap)
     hidden_width: int           # D_h, the width of the hidden states returned as features
+    feature_len: int            # positions in those hidden states (= L unless the backbone resamples)
+    num_classes: int            # class teachers: labels are 0..num_classes-1 (text teachers: 0)
+    image_size: int             # decoded images are [B, 3, image_size, image_size]
+    sampling: dict              # the published sampler defaults: steps, cfg, temperature, randomize
     backbone: nn.Module         # the frozen teacher φ
 
     def make_student(self) -> nn.Module:
@@ -46,7 +50,8 @@ class Teacher(Protocol):
                            layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run ``net`` (φ, θ or ψ) from input embeddings e [B, L, D].
 
-        Returns logits [B, L, V] and the hidden states [B, L, D_h] after each block in ``layers``.
+        Returns logits [B, L, V] and the hidden states [B, feature_len, D_h] after each block in
+        ``layers`` (negative indices count from the last block).
         """
 
     def encode_condition(self, labels: torch.Tensor | None = None,

@@ -46,6 +46,11 @@ class WorldTeacher:
         self.token_shape: tuple = (config.seq_len,)
         self.depth: int = config.depth
         self.hidden_width: int = config.width
+        self.feature_len: int = config.seq_len
+        self.num_classes: int = config.num_classes if config.conditioning == "class" else 0
+        self.image_size: int = tokenizer.config.image_size
+        # what the world's LOG figures use: 16 steps, CFG 2 (c2i), MaskGit's Gumbel 4.5
+        self.sampling: dict = {"steps": 16, "cfg": 2.0, "temperature": 1.0, "randomize": 4.5}
         grid = tokenizer.grid
         self.grid_shape: tuple = (grid, grid)          # how the L tokens tile the image (row-major)
         self._null_text: torch.Tensor | None = None    # features of "" [1, T, C], computed once

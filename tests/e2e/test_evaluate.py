@@ -88,3 +88,20 @@ def test_evaluate_cli_checkpoint_and_missing_weights(c2i_checkpoint, tmp_path):
                               "--metrics", "fidd"], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
     assert unknown.returncode == 2 and "fidd" in unknown.stderr
+
+
+def test_teacher_baseline_through_the_suite_matches_the_world_route(test_world):
+    """Evaluator.evaluate_teacher (any teacher, its own sampler) agrees with the world-FID route."""
+    from evaluators.world_eval import eval_conditions, generate_images, teacher_sampler, world_fid
+    from orchestrator.config import load_config
+    from softdimo.world.scenes import class_names
+
+    cfg = load_config(ROOT / "sweeps/presets/tiny_c2i.yaml", ["world.spec=test", "train.device=cpu"])
+    out = Evaluator(EvalSettings(metrics=["world_fid"], num_images=24)).evaluate_teacher(cfg, 2, 2.0)
+    teacher, reference = test_world.teacher("c2i"), test_world.reference("c2i")
+    conds = eval_conditions(teacher, 24, len(class_names()), [])
+    images = generate_images(teacher_sampler(teacher, 2, 2.0, 1.0, teacher.sampling["randomize"]),
+                             teacher, conds, 0, progress=False)
+    from evaluators.suite import to_uint8
+    expected = world_fid(test_world.features, to_uint8(images), reference.images)
+    assert out["eval/world_fid"] == pytest.approx(expected, rel=1e-6)
