@@ -148,8 +148,9 @@ class Evaluator:
         from evaluators.weights import resolve
 
         tt = self.settings.test_time or {}
-        names = [*self.settings.metrics, *tt.get("rewards", {}), *tt.get("select", {})]
-        for metric in names:
+        # reward "clip" is the world's own CLIP on the world (checked when a real teacher uses it)
+        rewards = [r for r in (*tt.get("rewards", {}), *tt.get("select", {})) if r != "clip"]
+        for metric in [*self.settings.metrics, *rewards]:
             for key in WEIGHTS_NEEDED.get(metric, ()):
                 explicit = self.settings.paths.get(key)
                 if key == "adm_ref" and self.settings.reference:

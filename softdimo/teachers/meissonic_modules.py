@@ -3,9 +3,11 @@
 Upstream is not pip-installable and its blocks build diffusers' ``FluxAttnProcessor2_0``, which from
 diffusers 0.35 on needs ``attn.head_dim`` (only ``FluxAttention`` has it) and fails. This module builds
 the same network from diffusers 0.42 blocks (Attention, FeedForward, AdaLayerNormZero(Single),
-RMSNorm, CombinedTimestepTextProjEmbeddings, TimestepEmbedding, Down/Upsample2D) with the same
-parameter names as the published checkpoint (``MeissonFlow/Meissonic/transformer``), and attention
-through ``LegacyFluxAttnProcessor``, the pre-0.35 Flux attention maths.
+RMSNorm, CombinedTimestepTextProjEmbeddings, TimestepEmbedding, Down/Upsample2D, and aMUSEd's
+UVit2DConvEmbed and ConvMlmLayer) with the same parameter names as the published checkpoint
+(``MeissonFlow/Meissonic/transformer``), and attention through ``LegacyFluxAttnProcessor``, the
+pre-0.35 Flux attention maths. The soft-embedding entry and the micro-condition sinusoids are
+``muse_common``'s, shared with the aMUSEd adapter.
 
 Shapes: B batch, H×W token grid (64×64 at 1024 px), h×w = the grid after ``down_block`` (32×32),
 N = h·w image positions inside the MM-DiT, T text tokens (77), D = heads·head_dim (1024),
@@ -32,10 +34,12 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import (CombinedTimestepTextProjEmbeddings, TimestepEmbedding,
-                                         apply_rotary_emb, get_1d_rotary_pos_embed,
-                                         get_timestep_embedding)
+                                         apply_rotary_emb, get_1d_rotary_pos_embed)
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle, RMSNorm
+from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
 from diffusers.models.upsampling import Upsample2D
+
+from softdimo.teachers.muse_common import embed_rows, pooled_with_micro_conds
 
 # fixed inside upstream's constructor, not in config.json
 LN_EPS = 1e-6
@@ -231,38 +235,6 @@ class SingleTransformerBlock(nn.Module):
         return out
 
 
-class UVit2DConvEmbed(nn.Module):
-    """Token embedding: ``embeddings`` (the soft-embedding hook point) → RMSNorm → 1×1 conv."""
-
-    def __init__(self, in_channels: int, block_out_channels: int, vocab_size: int):
-        super().__init__()
-        self.embeddings = nn.Embedding(vocab_size, in_channels)
-        self.layer_norm = RMSNorm(in_channels, LN_EPS, True)
-        self.conv = nn.Conv2d(in_channels, block_out_channels, kernel_size=1, bias=False)
-
-    def from_embeddings(self, e: torch.Tensor) -> torch.Tensor:
-        """embeddings [B, H, W, D] -> [B, D, H, W]."""
-        return self.conv(self.layer_norm(e).permute(0, 3, 1, 2))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.from_embeddings(self.embeddings(input_ids))
-
-
-class ConvMlmLayer(nn.Module):
-    """Output head: 1×1 conv → RMSNorm → 1×1 conv to V channels (channels-first logits)."""
-
-    def __init__(self, block_out_channels: int, in_channels: int, codebook_size: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(block_out_channels, in_channels, kernel_size=1, bias=False)
-        self.layer_norm = RMSNorm(in_channels, LN_EPS, True)
-        self.conv2 = nn.Conv2d(in_channels, codebook_size, kernel_size=1, bias=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(hidden_states)
-        x = self.layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.conv2(x)
-
-
 class SimpleUVitBlock(nn.Module):
     """Optional 2× RMS-normed conv down- or transposed-conv up-sampling (upstream ``Simple_UVitBlock``)."""
 
@@ -299,9 +271,12 @@ class Transformer2DModel(nn.Module):
             [TransformerBlock(dim, heads, head_dim) for _ in range(config.num_layers)])
         self.single_transformer_blocks = nn.ModuleList(
             [SingleTransformerBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)])
-        # upstream: in_channels of the embedding = D, no biases, affine RMSNorms with eps 1e-6
-        self.embed = UVit2DConvEmbed(dim, dim, config.vocab_size)
-        self.mlm_layer = ConvMlmLayer(dim, dim, config.codebook_size)
+        # aMUSEd's (diffusers') token embedding and output head; upstream: in_channels of the
+        # embedding = D, no biases, affine RMSNorms with eps 1e-6
+        self.embed = UVit2DConvEmbed(dim, dim, config.vocab_size, elementwise_affine=True, eps=LN_EPS,
+                                     bias=False)
+        self.mlm_layer = ConvMlmLayer(dim, dim, use_bias=False, ln_elementwise_affine=True,
+                                      layer_norm_eps=LN_EPS, codebook_size=config.codebook_size)
         self.cond_embed = TimestepEmbedding(MICRO_COND_EMBED_DIM + config.pooled_projection_dim, dim,
                                             sample_proj_bias=False)
         self.encoder_proj_layer_norm = RMSNorm(dim, LN_EPS, True)
@@ -324,11 +299,9 @@ class Transformer2DModel(nn.Module):
                      micro_conds: torch.Tensor, timestep: torch.Tensor):
         """text [B, T, C], pooled [B, P], micro_conds [B, 5], timestep [B] or [1]
         -> (text tokens [B, T, D], temb [B, D]). The model multiplies ``timestep`` by 1000."""
-        batch = encoder_hidden_states.shape[0]
         dtype = self.context_embedder.weight.dtype
-        micro = get_timestep_embedding(micro_conds.flatten(), MICRO_COND_ENCODE_DIM,
-                                       flip_sin_to_cos=True, downscale_freq_shift=0).reshape(batch, -1)
-        pooled = self.cond_embed(torch.cat([pooled_projections, micro], dim=1).to(dtype))
+        pooled = pooled_with_micro_conds(self.cond_embed, pooled_projections, micro_conds,
+                                         MICRO_COND_ENCODE_DIM)
         temb = self.time_text_embed(timestep.to(dtype) * 1000, pooled)
         text = self.encoder_proj_layer_norm(self.context_embedder(encoder_hidden_states.to(dtype)))
         return text, temb
@@ -349,7 +322,7 @@ class Transformer2DModel(nn.Module):
         features: dict[int, torch.Tensor] = {}
         text, temb = self.conditioning(encoder_hidden_states, pooled_projections, micro_conds, timestep)
 
-        x = self.down_block(self.embed.from_embeddings(e))
+        x = self.down_block(embed_rows(self.embed, e))
         batch, channels, height, width = x.shape
         x = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         x = self.project_to_hidden(self.project_to_hidden_norm(x))

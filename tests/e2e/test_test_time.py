@@ -92,3 +92,14 @@ def test_evaluator_reports_metrics_with_and_without_test_time_scaling(t2i_checkp
         out["eval/tts/seconds_per_prompt"], rel=10)}                     # fixed seeds
     c2i = Evaluator(EvalSettings(metrics=["world_clip"], num_images=8, test_time={"bon": 2})).evaluate(c2i_checkpoint)
     assert not any(k.startswith("eval/tts/") for k in c2i)              # no prompts to scale for
+
+
+def test_evaluator_accepts_world_reward_names_and_checks_real_ones(t2i_checkpoint, monkeypatch):
+    from evaluators.weights import WeightsMissing
+
+    monkeypatch.delenv("SOFTDIMO_WEIGHTS", raising=False)
+    tt = {"bon": 2, "iters": 2, "rewards": {"clip": 1.0, "quality": 0.02}}
+    out = Evaluator(EvalSettings(metrics=["world_clip"], num_images=4, test_time=tt)).evaluate(t2i_checkpoint)
+    assert "eval/tts/world_clip" in out
+    with pytest.raises(WeightsMissing, match="hps_v21"):
+        Evaluator(EvalSettings(metrics=["world_clip"], test_time={"bon": 2, "select": {"hps_v21": 1.0}}))

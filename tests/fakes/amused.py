@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tests.fakes import clip_text
+
 PROMPTS = ("", "a red circle", "a photo of a cat")
 MASK_ID = 31
 GRID = 4
@@ -37,17 +39,9 @@ def _byte_symbols() -> list[str]:
 def write_tokenizer(folder: Path) -> None:
     """A tiny CLIP BPE tokenizer folder: the byte alphabet (plain and word-final), a few merges,
     and the two specials last so that <|endoftext|> has the largest id (CLIP pools at argmax id)."""
-    folder.mkdir(parents=True, exist_ok=True)
     symbols = _byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **specials}))
+    clip_text.write_tokenizer(folder, tokens + [clip_text.START, clip_text.END], MERGES)
 
 
 def build(downsample: bool = True):
@@ -87,8 +81,8 @@ def write(folder: Path, *, downsample: bool = True, text_features: bool = False,
     """
     from diffusers import AmusedScheduler
 
-    from softdimo.teachers.amused import pack_text
     from softdimo.teachers.clip_text import ClipTextEncoder
+    from softdimo.teachers.muse_common import pack_text
     from softdimo.teachers.text_features import save_text_features
 
     root = Path(folder) / "amused"

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from softdimo.teachers.meissonic_modules import MeissonicConfig, Transformer2DModel
+from tests.fakes import clip_text
 
 TRANSFORMER = dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
@@ -38,20 +39,9 @@ def _perturb(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 def _write_tokenizer(folder: Path) -> None:
     """A byte-level CLIP BPE vocabulary of single letters (no merges): enough to tell prompts apart."""
-    folder.mkdir(parents=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TEXT, "do_lower_case": True,
-         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-         "unk_token": "<|endoftext|>"}))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-         "unk_token": "<|endoftext|>"}))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = [clip_text.START, clip_text.END, *letters, *(c + "</w>" for c in letters)]
+    clip_text.write_tokenizer(folder, tokens, max_length=MAX_TEXT, do_lower_case=True)
 
 
 def write_transformer(folder: Path, net: Transformer2DModel) -> None:
@@ -70,7 +60,7 @@ def write(folder: Path) -> tuple[dict, dict]:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from softdimo.teachers.clip_text import ClipTextEncoder
-    from softdimo.teachers.meissonic import pack_text
+    from softdimo.teachers.muse_common import pack_text
     from softdimo.teachers.text_features import save_text_features
 
     folder = Path(folder)
