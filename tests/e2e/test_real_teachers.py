@@ -84,3 +84,20 @@ def test_two_training_steps_and_a_teacher_sample(family, tmp_path):
     images = teacher.decode_ids(tokens)
     assert images.shape == (2, 3, teacher.image_size, teacher.image_size)
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+
+
+@pytest.mark.parametrize("family", ["amused", "maskgen", "meissonic"])
+def test_tteo_runs_through_each_text_teacher(family, tmp_path):
+    """Best-of-2 with 2 TTEO iterations through the family's soft decoder (the generate --tteo path)."""
+    from trainers.tteo import multistart_tteo
+
+    fake = importlib.import_module(f"tests.fakes.{family}")
+    teacher = load_teacher(family, *fake.write(tmp_path / "weights"), "cpu")
+    net = teacher.make_student().eval()
+    cond = teacher.encode_condition(prompts=PROMPTS)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    r = multistart_tteo(teacher, net, cond, PROMPTS, {"b": brightness}, {"b": 1.0}, {"b": 1.0},
+                        bon=2, iters=2, lr=0.2, generator=torch.Generator().manual_seed(0))
+    assert r.images.shape == (2, 3, teacher.image_size, teacher.image_size)
+    assert torch.isfinite(r.trace["b"]).all() and len(r.trace["b"]) == 2
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
