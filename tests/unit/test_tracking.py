@@ -180,7 +180,7 @@ def test_tracker_logs_metrics_images_text_and_tags(uri, run_id, tmp_path):
 def test_tracker_survives_an_outage_and_replays_in_order(uri, run_id, tmp_path, caplog,
                                                         monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(tracking, "time", clock)
+    monkeypatch.setattr(tracking.spool, "time", clock)
     flaky = FlakyClient(uri)
     spool = tmp_path / "spool.jsonl"
     tracker = Tracker(uri, run_id, spool, retry_every_s=30, client=flaky)
