@@ -58,11 +58,11 @@ def main() -> None:
 
     @torch.no_grad()
     def one_step():
-        teacher.decode_ids(one_step_tokens(teacher, student, cond, g))
+        teacher.decode_ids(one_step_tokens(teacher, student, cond, g), cond)
 
     @torch.no_grad()
     def multi_step():
-        teacher.decode_ids(teacher.sample(cond, args.steps, args.cfg, g))
+        teacher.decode_ids(teacher.sample(cond, args.steps, args.cfg, g), cond)
 
     one_step(), multi_step()   # warm-up
     t_one, t_multi = [], []

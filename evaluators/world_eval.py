@@ -62,8 +62,8 @@ def generate_images(sample_tokens: Callable[[torch.Tensor, torch.Generator], tor
     g = torch.Generator(device=device).manual_seed(seed)
     images = []
     for start in tqdm(range(0, len(conds), batch), desc=desc, disable=not progress, leave=False):
-        tokens = sample_tokens(_encode(teacher, conds[start:start + batch], device), g)
-        images.append(teacher.decode_ids(tokens).float().cpu())
+        cond = _encode(teacher, conds[start:start + batch], device)
+        images.append(teacher.decode_ids(sample_tokens(cond, g), cond).float().cpu())
     return torch.cat(images)
 
 

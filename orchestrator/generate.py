@@ -205,7 +205,7 @@ def _plain(args, path, meta, cfg, ctx, net, described, cond_source, out: Path) -
         tokens = one_step_tokens(teacher, net, cond, g, cfg.generator.init_mask_ratio,
                                  cfg.generator.embed_noise, temperature, argmax=args.argmax)
         with torch.no_grad():
-            images.append(teacher.decode_ids(tokens).float().cpu())
+            images.append(teacher.decode_ids(tokens, cond).float().cpu())
     images = torch.cat(images)
     records = []
     for i, (image, text) in enumerate(zip(images, described)):

@@ -93,8 +93,8 @@ def save_grid(cfg: Config, ctx: TrainContext, st: TrainState, output_dir: Path) 
                         cfg.generator.embed_noise)
     tokens = sample_from_logits(z, g, cfg.generator.temperature)
     with torch.no_grad():
-        images = ctx.teacher.decode_ids(tokens).float()
-        soft = ctx.teacher.decode_probs(torch.softmax(z, dim=-1)).float()
+        images = ctx.teacher.decode_ids(tokens, cond).float()
+        soft = ctx.teacher.decode_probs(torch.softmax(z, dim=-1), cond).float()
         diagnostics = {"ema/entropy": float(mean_entropy(z)), "ema/top1": float(mean_top1(z)),
                        "ema/soft_hard_decode_mse": float(decode_mse(soft, images))}
         images = images.cpu()

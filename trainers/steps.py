@@ -133,7 +133,7 @@ def generator_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.T
             d_fake = discriminate(t, st.heads, e_fake, cond, r, cfg.gan.feature_noise, g)
             loss_gan = gan.generator_gan_loss(d_fake.float())
         if use_reward:
-            images = t.decode_probs(probs)
+            images = t.decode_probs(probs, cond)
             scores = {term.name: ctx.rewards[term.name](images, prompts).float()
                       for term in cfg.reward.terms}
             weights = {term.name: term.weight for term in cfg.reward.terms}

@@ -119,7 +119,7 @@ def multistart_tteo(teacher: Teacher, net: nn.Module, cond: torch.Tensor, prompt
         e = e.detach().requires_grad_(step)
         with torch.set_grad_enabled(step):
             z = t.forward_embeddings(net, e, cond_b)[0].float()
-            image = t.decode_probs(torch.softmax(z / tau, dim=-1)).float()
+            image = t.decode_probs(torch.softmax(z / tau, dim=-1), cond_b).float()
             values = _scores(rewards, optimised, image, prompts_b) if step else {}
         if step:
             objective = sum(reward_weights[name] * values[name] for name in optimised).sum()

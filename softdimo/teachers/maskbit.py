@@ -193,11 +193,11 @@ class MaskBitTeacher:
         z = bits.reshape(b, side, side, self.groups * self.group_bits).permute(0, 3, 1, 2)
         return self.tokenizer.decode(z.contiguous()).clamp(0.0, 1.0)
 
-    def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def decode_ids(self, ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, L] -> images [B, 3, H, W] in [0, 1]; ids are clamped to [0, V−1] first."""
         return self._decode_bits(self._bits[ids.clamp(0, self.V - 1)])
 
-    def decode_probs(self, p: torch.Tensor) -> torch.Tensor:
+    def decode_probs(self, p: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities [B, L, V] -> images from the expected bits, differentiable in p."""
         return self._decode_bits(self.embed_probs(p))
 

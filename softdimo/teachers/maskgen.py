@@ -12,8 +12,8 @@ elsewhere). With the OpenCLIP encoder, ``encode_condition`` writes the score fro
 the published 6.5). A precomputed text-features file stores exactly these rows and is used as stored
 (its aesthetic row included).
 
-Decoding needs text too. ``decode_ids(ids, cond=None)`` / ``decode_probs(p, cond=None)`` take the
-condition explicitly; without it they use the text guidance of the last condition the adapter ran
+Decoding needs text too. ``decode_ids(ids, cond)`` / ``decode_probs(p, cond)`` take the condition
+explicitly (the protocol's optional argument; every trainer and evaluator call passes it); without it they use the text guidance of the last condition the adapter ran
 with (``encode_condition(prompts=...)``, ``forward_embeddings`` or ``sample``) when its batch size
 matches, and otherwise the empty prompt's guidance (the null condition's), warning when a stale
 guidance of another batch size was set aside. ``null_condition`` never becomes that last condition.

@@ -119,12 +119,12 @@ class MaskGitTeacher:
     def _to_unit(self, x: torch.Tensor) -> torch.Tensor:
         return ((x + 1.0) / 2.0).clamp(0.0, 1.0)          # taming decodes to [-1, 1]
 
-    def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def decode_ids(self, ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, L] -> images [B, 3, H, W] in [0, 1]; ids are clamped to [0, V−1] (as upstream)."""
         z = self.vqgan.quantize.embedding(ids.clamp(0, self.V - 1))
         return self._to_unit(self.vqgan.decode_latents(z, self.grid_shape))
 
-    def decode_probs(self, p: torch.Tensor) -> torch.Tensor:
+    def decode_probs(self, p: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities [B, L, V] -> images [B, 3, H, W] in [0, 1] from p @ codebook, differentiable."""
         z = p @ self.vqgan.quantize.embedding.weight.to(p.dtype)
         return self._to_unit(self.vqgan.decode_latents(z, self.grid_shape))

@@ -175,13 +175,13 @@ class MuseTeacher:
         spatial = zq if vq.config.norm_type == "spatial" else None
         return vq.decoder(vq.post_quant_conv(zq), spatial).clamp(0, 1)
 
-    def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def decode_ids(self, ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, L] -> images [B, 3, H, W] in [0, 1]; ids are clamped to [0, V−1] first."""
         quantize = self.vqvae.quantize
         shape = (ids.shape[0], *self.grid_shape, quantize.embedding.weight.shape[1])
         return self._decode_latents(quantize.get_codebook_entry(ids.clamp(0, self.V - 1).reshape(-1), shape))
 
-    def decode_probs(self, p: torch.Tensor) -> torch.Tensor:
+    def decode_probs(self, p: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities [B, L, V] -> images [B, 3, H, W] in [0, 1] through p @ codebook, differentiable."""
         book = self.vqvae.quantize.embedding.weight                       # [V, C_vq]
         zq = (p.to(book.dtype) @ book).reshape(p.shape[0], *self.grid_shape, -1)

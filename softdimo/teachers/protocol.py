@@ -61,10 +61,13 @@ class Teacher(Protocol):
     def null_condition(self, batch: int) -> torch.Tensor:
         """The unconditional input for CFG, batch-shaped like ``encode_condition``'s output."""
 
-    def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hard tokens [B, L] (codes < V) -> images [B, 3, H, W] in [0, 1]."""
+    def decode_ids(self, ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Hard tokens [B, L] (codes < V) -> images [B, 3, H, W] in [0, 1].
 
-    def decode_probs(self, p: torch.Tensor) -> torch.Tensor:
+        ``cond`` is the batch's condition; only text-guided decoders (TA-TiTok) read it, and the
+        trainer passes it wherever it has one."""
+
+    def decode_probs(self, p: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Dec ∘ Emb_Dec: probabilities [B, L, V] -> images [B, 3, H, W] in [0, 1], differentiable."""
 
     def sample(self, cond: torch.Tensor, steps: int, cfg: float, generator: torch.Generator,

@@ -114,11 +114,11 @@ class WorldTeacher:
         return self._null_text.expand(batch, -1, -1).clone()
 
     # ----------------------------------------------------------------- images
-    def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def decode_ids(self, ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, L] -> images [B, 3, H, W] in [0, 1]; ids are clamped to [0, V−1] first."""
         return self.tokenizer.decode_ids(ids.clamp(0, self.V - 1))
 
-    def decode_probs(self, p: torch.Tensor) -> torch.Tensor:
+    def decode_probs(self, p: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities [B, L, V] -> images [B, 3, H, W] in [0, 1], differentiable in p."""
         return self.tokenizer.decode_probs(p)
 

@@ -81,7 +81,7 @@ def test_two_training_steps_and_a_teacher_sample(family, tmp_path):
     g = torch.Generator().manual_seed(0)
     tokens = teacher.sample(cond, 2, teacher.sampling["cfg"], g)
     assert tokens.shape == (2, teacher.seq_len) and int(tokens.max()) < teacher.V
-    images = teacher.decode_ids(tokens)
+    images = teacher.decode_ids(tokens, cond)
     assert images.shape == (2, 3, teacher.image_size, teacher.image_size)
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
 

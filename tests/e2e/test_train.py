@@ -78,9 +78,9 @@ def _count_calls(monkeypatch, ctx):
         calls["discriminate"] += 1
         return real_discriminate(*args, **kwargs)
 
-    def decode_probs(p):
+    def decode_probs(p, cond=None):
         calls["decode_probs"] += 1
-        return real_decode(p)
+        return real_decode(p, cond)
 
     monkeypatch.setattr(steps_module, "discriminate", discriminate)
     monkeypatch.setattr(ctx.teacher, "decode_probs", decode_probs)

@@ -25,7 +25,7 @@ class TinyTeacher:
     def forward_embeddings(self, net, e, cond, layers=()):
         return net(e) + cond[:, None, :], []
 
-    def decode_probs(self, p):
+    def decode_probs(self, p, cond=None):
         """[B, L, V] -> a 2×2 'image' [B, 3, 2, 2] whose pixels are expected colours."""
         return (p @ self.colours).transpose(1, 2).reshape(p.shape[0], 3, 2, 2)
 
