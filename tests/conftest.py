@@ -44,3 +44,22 @@ def _tiny_checkpoint(kind: str, out):
     cfg = load_config(preset, ["world.spec=test", "train.steps=2", "train.batch_size=8",
                                "train.grid_size=4", f"output_dir={out}", "train.device=cpu"])
     return train(cfg, to_dict(cfg), progress=False).checkpoint
+
+
+_RAY_FIXTURES = {"ray_session", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers from where a test lives and what it uses, so no file can forget one.
+
+    Everything under tests/e2e is `slow` (the fast tier is `-m "not slow"`); a test that asks for a
+    Ray fixture is `ray`; a `gpu` test is skipped on a machine without CUDA.
+    """
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+        if _RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("gpu") and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))

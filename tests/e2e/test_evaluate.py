@@ -13,7 +13,6 @@ from evaluators.suite import EvalSettings, Evaluator
 from evaluators.weights import WeightsMissing
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
 
 
 def test_world_metrics_are_deterministic_and_pick_the_best_temperature(c2i_checkpoint):

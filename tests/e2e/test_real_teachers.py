@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PRESET = {"amused": "amused_256", "maskgit": "maskgit", "maskbit": "maskbit", "maskgen": "maskgen_l",
           "meissonic": "meissonic"}
 PROMPTS = ["a red circle", "a photo of a cat"]
-pytestmark = pytest.mark.slow
 
 
 def brightness(images, prompts):

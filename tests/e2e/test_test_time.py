@@ -12,7 +12,6 @@ from orchestrator import generate
 from orchestrator.config import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
