@@ -60,14 +60,19 @@ def prepare_worlds(spec: SweepSpec, progress: bool) -> None:
     """Build or load each embedded world the trials use, and pin its cache folder in the configs."""
     from softdimo.world.store import default_cache_dir, load_world
 
-    seen = {}
+    needs: dict[tuple[str, str], set[str]] = {}
     for trial in spec.trials:
-        world = trial.config["world"]
+        world, kind = trial.config["world"], trial.config["teacher"]["kind"]
         cache = str(Path(world["cache_dir"] or default_cache_dir()).resolve())
-        if (world["spec"], cache) not in seen:
-            seen[(world["spec"], cache)] = load_world(world["spec"], cache, build_if_missing=True,
-                                                      progress=progress)
         world["cache_dir"] = cache
+        if kind in ("world_c2i", "world_t2i"):
+            # each trial's track, and the world scorers its rewards name (built here, not in a trial)
+            terms = {t["name"] for t in trial.config["reward"]["terms"]
+                     if trial.config["reward"]["weight"] > 0}
+            needs.setdefault((world["spec"], cache), set()).update(
+                {kind[len("world_"):]} | terms & {"clip", "quality"})
+    for (name, cache), components in needs.items():
+        load_world(name, cache, build_if_missing=True, progress=progress, needs=sorted(components))
 
 
 def _check_folder(spec: SweepSpec, args) -> None:

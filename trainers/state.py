@@ -104,9 +104,9 @@ def build_context(cfg: Config, progress: bool = True,
                       for term in (cfg.reward.terms if rewards else [])}
         return TrainContext(teacher=teacher, data=real_data(cfg, teacher, device),
                             rewards=reward_fns, device=device)
-    world = load_world(cfg.world.spec, cfg.world.cache_dir, build_if_missing=True, device=device,
-                       progress=progress)
     track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
+    world = load_world(cfg.world.spec, cfg.world.cache_dir, build_if_missing=True, device=device,
+                       progress=progress, needs=(track,))
     teacher = world.teacher(track)
     wd = world.data(track)
     data = DataSource(tokens=wd.tokens.to(device), labels=wd.labels.to(device),
