@@ -47,6 +47,15 @@ class DataSection:
 
 
 @dataclass
+class InitSection:
+    """The paper's two-stage recipe (Sec. 3, App. H): Soft-Di[M]O fine-tunes a converged Di[M]O
+    student. θ, its EMA and ψ start from another run's checkpoint; η, the optimizers, the schedule
+    and the step count start fresh, and so does the EMA's decay warm-up (ema.py), from the loaded
+    EMA. (``init.checkpoint`` and not ``init.from``: ``from`` is a Python keyword.)"""
+    checkpoint: Optional[str] = None    # a run folder (its newest checkpoint) or a step_* folder
+
+
+@dataclass
 class TrainSection:
     steps: int = 300
     batch_size: int = 32
@@ -122,6 +131,7 @@ class Config:
     world: WorldSection = field(default_factory=WorldSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     data: DataSection = field(default_factory=DataSection)
+    init: InitSection = field(default_factory=InitSection)
     train: TrainSection = field(default_factory=TrainSection)
     embedding: EmbeddingSection = field(default_factory=EmbeddingSection)
     dimo: DimoSection = field(default_factory=DimoSection)
