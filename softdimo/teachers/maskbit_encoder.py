@@ -8,7 +8,8 @@ Path: x in [0, 1] -> ConvEncoder -> c latent channels per position; bit j = (cha
 sign, code = Σ bit_j 2^j) -> M groups of c/M bits each (group g = bits g·c/M .. (g+1)·c/M − 1, LSB
 first) -> ids [B, N·M] at index M·pos + g, the layout ``MaskBitTeacher.decode_ids`` reads
 (N = h·w positions, row-major). Preprocessing as MaskBit's ImageNet loader at evaluation: shorter
-edge to the resolution (bicubic, antialiased), centre crop.
+edge to the resolution (``dataset.preprocessing.interpolation`` of the generator yaml, bicubic in
+the published ones), centre crop.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def split_codes(codes: torch.Tensor, groups: int, group_bits: int) -> torch.Tens
 class MaskBitEncoder:
     """Encoder protocol for MaskBit: V = 2^(c/M) codes per group, L = N·M."""
 
-    def __init__(self, tokenizer: ConvVQModel, groups: int, image_size: int):
+    def __init__(self, tokenizer: ConvVQModel, groups: int, image_size: int, interpolation: str = "bicubic"):
         bits = tokenizer.config.token_size
         if bits % groups:
             raise ValueError(f"{bits} token bits do not split into {groups} groups")
@@ -42,7 +43,7 @@ class MaskBitEncoder:
         self.V: int = 2 ** self.group_bits
         side = image_size // 2 ** (tokenizer.config.num_resolutions - 1)
         self.seq_len: int = side * side * groups
-        self.preprocess = Preprocess(image_size, "bicubic")
+        self.preprocess = Preprocess(image_size, interpolation)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -58,4 +59,8 @@ def load(paths: dict[str, Path], options: dict, device: torch.device) -> MaskBit
     load_strict(tokenizer, read_tensors(paths["tokenizer"]), str(paths["tokenizer"]))
     groups = int(_field(gen_cfg, "model.mlm_model.codebook_splits", gen_yaml))
     size = int(_field(gen_cfg, "dataset.preprocessing.resolution", gen_yaml))
-    return MaskBitEncoder(tokenizer.to(device), groups, size)
+    interpolation = str(OmegaConf.select(gen_cfg, "dataset.preprocessing.interpolation", default="bicubic"))
+    if interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(f"{gen_yaml}: dataset.preprocessing.interpolation {interpolation!r} is not "
+                         "bicubic or bilinear")
+    return MaskBitEncoder(tokenizer.to(device), groups, size, interpolation)
