@@ -231,7 +231,8 @@ def run(args, log=print) -> dict:
         _pipeline(args, kind, paths, options, pre, pending, assembler, len(items) - len(pending), timing)
     seconds = time.perf_counter() - start - timing["ray_start"]
     manifest = write_manifest(out, job, {**done, **assembler.records}, classes, captions)
-    return {**manifest, "encoded_items": len(pending), "seconds": seconds, "ray_start": timing["ray_start"]}
+    return {**manifest, "encoded_items": len(pending), "seconds": seconds, "ray_start": timing["ray_start"],
+            "steady_images_per_s": timing.get("steady")}
 
 
 def _pipeline(args, kind, paths, options, pre, pending, assembler, already: int, timing: dict) -> None:
@@ -261,8 +262,13 @@ def _pipeline(args, kind, paths, options, pre, pending, assembler, already: int,
                             compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor)
         bar = tqdm(total=len(pending) + already, initial=already, unit="img", disable=args.quiet,
                    desc="tokenize")
+        first = None
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None:        # everything after this is steady state (actors up, encoder loaded)
+                first, timing["first_batch"] = time.perf_counter(), len(batch["index"])
             bar.update(assembler.add(batch))
+        if first is not None:
+            timing["steady"] = (len(pending) - timing.pop("first_batch")) / max(time.perf_counter() - first, 1e-9)
         bar.close()
     finally:
         if started:
@@ -277,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rate = result["encoded_items"] / max(result["seconds"], 1e-9)
     print(f"{result['rows']} of {result['items']} images tokenized ({result['bad']} unreadable, "
           f"skipped); this run: {result['encoded_items']} images in {result['seconds']:.1f} s "
-          f"({rate:.1f} images/s; Ray started in {result['ray_start']:.1f} s)")
+          f"({rate:.1f} images/s; after the first batch {result['steady_images_per_s'] or 0:.1f} images/s; "
+          f"Ray started in {result['ray_start']:.1f} s)")
     for rec in result["shards"]:
         for error in rec["errors"][:2]:
             print(f"  skipped {error}")
