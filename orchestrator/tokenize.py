@@ -72,7 +72,12 @@ def resolve_teacher(args) -> tuple[str, dict, dict]:
     """(kind, paths, options) from --config and/or --teacher/--path/--option (flags win)."""
     kind, paths, options, spec = None, {}, {}, None
     if args.config:
-        node = load_yaml(args.config)
+        from omegaconf import OmegaConf
+
+        try:       # only the teacher and world sections: the preset's data files need not exist yet
+            node = OmegaConf.to_container(load_yaml(args.config), resolve=True)
+        except Exception as err:      # an interpolation that cannot resolve, e.g. a missing env var
+            raise UserError(f"{args.config}: {str(err).splitlines()[0]}") from None
         teacher = node.get("teacher") or {}
         kind = teacher.get("kind", "world_c2i")
         paths, options = dict(teacher.get("paths") or {}), dict(teacher.get("options") or {})
