@@ -216,7 +216,10 @@ def run(args, log=print) -> dict:
     pre, seq_len, vocab = probe.preprocess, probe.seq_len, probe.V
     del probe
     conditioning = {"world_c2i": "class", "world_t2i": "text"}.get(kind) or FAMILIES[kind].conditioning
-    listing = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()                  # the input list's identity, item by item (1M items)
+    for it in items:
+        digest.update(json.dumps(it, sort_keys=True).encode())
+    listing = digest.hexdigest()[:16]
     job = {"teacher": kind, "paths": {k: str(v) for k, v in paths.items()}, "options": options,
            "conditioning": conditioning, "seq_len": seq_len, "vocab": vocab, "image_size": pre.size,
            "items": len(items), "shard_size": args.shard_size, "listing": listing}

@@ -25,7 +25,8 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 class DataSource:
     """Real tokens with their conditions (the data set D_d, and D_c through its conditions)."""
 
-    tokens: torch.Tensor | None     # [N, L] long; None: conditions only (no GAN)
+    tokens: Any                     # [N, L] long tensor, or trainers.shards.TokenShards (memory-mapped,
+    #                                 indexed the same way); None: conditions only (no GAN)
     labels: torch.Tensor            # [N] long (class ids; -1 for text-to-image)
     captions: list                  # N strings (class names for class-to-image)
 
