@@ -33,10 +33,12 @@ JOB = "job.json"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.tokenize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="an image folder, a .jsonl/.tsv list, or .tar shards")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="an image folder, a .jsonl/.tsv list, or .tar shards")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    p.add_argument("--config", help="a training preset: its teacher.kind/paths/options (and world.spec) are used")
-    p.add_argument("--teacher", help="teacher kind (maskgit, maskbit, maskgen, meissonic, amused, world_c2i, world_t2i)")
+    p.add_argument("--config", help="a training preset: its teacher.kind/paths/options (and world.spec)")
+    p.add_argument("--teacher", help="teacher kind: maskgit, maskbit, maskgen, meissonic, amused, "
+                                     "world_c2i, world_t2i (overrides the preset's)")
     p.add_argument("--path", action="append", default=[], metavar="KEY=PATH", help="a teacher.paths entry")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a teacher.options entry (VALUE parsed as JSON when it can be)")
@@ -267,7 +269,8 @@ def _pipeline(args, kind, paths, options, pre, pending, assembler, already: int,
                             batch_format="numpy", num_cpus=1)
         ds = ds.map_batches(EncodeBatch, fn_constructor_args=(kind, paths, options, device, args.threads),
                             batch_size=args.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor)
+                            compute=ray.data.ActorPoolStrategy(size=args.actors),
+                            num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor)
         bar = tqdm(total=len(pending) + already, initial=already, unit="img", disable=args.quiet,
                    desc="tokenize")
         first = None

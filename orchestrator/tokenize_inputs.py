@@ -97,7 +97,9 @@ def list_tars(tars: list[Path]) -> list[dict]:
                 for m in tf:
                     if not m.isfile():
                         continue
-                    key, _, ext = m.name.partition(".")
+                    folder, _, base = m.name.rpartition("/")     # WebDataset: key = path to the
+                    stem, _, ext = base.partition(".")           # first dot of the file name
+                    key = f"{folder}/{stem}" if folder else stem
                     s = samples.setdefault(key, {})
                     ext = ext.lower()
                     if "." + ext in IMAGE_EXTS:
@@ -115,8 +117,9 @@ def list_tars(tars: list[Path]) -> list[dict]:
                     meta = json.loads(s["json"])
                 except ValueError:
                     meta = {}
-            caption = s.get("txt") or s.get("caption") or (meta.get("caption", "") if isinstance(meta, dict) else "")
-            label = s.get("cls", meta.get("label", -1) if isinstance(meta, dict) else -1)
+            meta = meta if isinstance(meta, dict) else {}
+            caption = s.get("txt") or s.get("caption") or meta.get("caption", "")
+            label = s.get("cls", meta.get("label", -1))
             try:
                 label = int(str(label).strip())
             except ValueError:

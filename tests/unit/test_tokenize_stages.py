@@ -157,3 +157,27 @@ def test_bad_input_is_one_user_error(tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "o"), "--world-spec", "test"]
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         run(parser().parse_args(argv), log=lambda *_: None)
+
+
+def test_a_preset_names_the_teacher_and_flags_override_it(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from orchestrator.tokenize import resolve_teacher
+
+    monkeypatch.setenv("SOFTDIMO_WEIGHTS", str(tmp_path))
+    preset = Path(__file__).resolve().parents[2] / "sweeps/presets/maskgit.yaml"
+    args = parser().parse_args(["x", "--out", "o", "--config", str(preset), "--option", "f_factor=4",
+                                "--path", "vqgan=/v.ckpt"])
+    kind, paths, options = resolve_teacher(args)
+    assert kind == "maskgit" and options["f_factor"] == 4 and paths["vqgan"] == "/v.ckpt"
+    assert paths["transformer"] == f"{tmp_path}/maskgit/MaskGIT/MaskGIT_ImageNet_256.pth"
+
+
+def test_webdataset_keys_keep_dotted_folders(tmp_path):
+    tar = tmp_path / "s.tar"
+    with tarfile.open(tar, "w") as tf:
+        for key, data in (("v1.0/a.png", png(2)), ("v1.0/a.txt", b"one"), ("v1.0/c.png", png(3))):
+            info = tarfile.TarInfo(key)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert [it["caption"] for it in list_inputs([str(tar)])[0]] == ["one", ""]
