@@ -42,7 +42,9 @@ class TeacherSection:
 @dataclass
 class DataSection:
     """The data sets of Algorithm 1 for real teachers (the embedded world brings its own)."""
-    tokens: Optional[str] = None        # D_d: safetensors, "tokens" [N, L] ids (+ "labels" [N]); the GAN's real side
+    tokens: Optional[str] = None        # D_d: safetensors, "tokens" [N, L] ids (+ "labels" [N]), or the
+    #                                     manifest.json of orchestrator.tokenize's shards (memory-mapped;
+    #                                     also for the world kinds); the GAN's real side
     captions: Optional[str] = None      # D_c: prompts, one per line (text teachers; row i goes with tokens[i])
 
 
@@ -177,7 +179,7 @@ def _check_teacher_and_data(cfg: Config) -> None:
     """What the world needs nothing of, and what a real teacher cannot run without."""
     kind, data = cfg.teacher.kind, cfg.data
     if kind in WORLD_KINDS:
-        for key in ("teacher.paths", "teacher.options", "data.tokens", "data.captions"):
+        for key in ("teacher.paths", "teacher.options", "data.captions"):   # tokens: a manifest may replace the world's
             section, name = key.split(".")
             if getattr(getattr(cfg, section), name):
                 raise ConfigValueError(key, f"is for real teachers; {kind} brings its own")
@@ -186,8 +188,9 @@ def _check_teacher_and_data(cfg: Config) -> None:
     if cfg.gan.weight > 0 and not data.tokens:
         raise ConfigValueError("data.tokens", f"the GAN (gan.weight {cfg.gan.weight:g}) needs real "
                                "tokens: a safetensors file with 'tokens' [N, L]")
-    if family.conditioning == "text" and not data.captions:
-        raise ConfigValueError("data.captions", "a text-to-image teacher needs prompts (one per line)")
+    if family.conditioning == "text" and not data.captions and not str(data.tokens or "").endswith(".json"):
+        raise ConfigValueError("data.captions", "a text-to-image teacher needs prompts (one per line, "
+                               "or the captions of a token manifest in data.tokens)")
     for i, term in enumerate(cfg.reward.terms):
         if term.name == "quality":
             raise ConfigValueError(f"reward.terms.{i}.name", "'quality' is the embedded world's "
