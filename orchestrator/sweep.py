@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator.config import UserError, run_cli
-from orchestrator.sweep_config import SweepSpec, format_dry_run, load_sweep
+from orchestrator.sweep_config import SweepSpec, check_eval_weights, format_dry_run, load_sweep
 
 TABLE_METRICS = ("eval/world_fid", "eval/world_clip", "eval/geneval_world", "eval/fid5k", "eval/fid50k",
                  "eval/is", "eval/clip", "eval/hps_v21", "eval/imagereward", "eval/temperature",
@@ -309,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     spec = load_sweep(args.sweep, args.overrides)
+    check_eval_weights(spec)
     if args.dry_run:
         print(format_dry_run(spec))
         return 0
