@@ -50,6 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before the world or any network loads: a bad folder or a second writer costs one line
     out = locks.writable_dir(cfg.output_dir, f"{args.config}: output_dir")
     locks.acquire(out / LOCK, f"{args.config}: output_dir {out}")
+    try:
+        return _run(args, cfg)
+    finally:
+        locks.release(out / LOCK)
+
+
+def _run(args, cfg) -> int:
     import torch
 
     from trainers.config import ConfigValueError

@@ -32,13 +32,21 @@ def _preview(keys: list[str], limit: int = 8) -> str:
 def read_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A flat name -> tensor dict from a .safetensors file, or from a torch file (.pt/.pth/.bin/.ckpt)
     through ``torch.load(weights_only=True)`` (nested dicts of tensors are returned as stored)."""
+    import pickle
+    import warnings
+
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path), device=str(map_location))
-        return torch.load(str(path), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # "Detected pickle protocol 4": the refusal below says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsUnreadable(f"{path}: holds objects other than tensors and plain containers; "
+                                "it is refused, not unpickled") from None
     except Exception as err:  # safetensors, unpickler and zip errors come in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "safetensors" if path.suffix == ".safetensors" else "tensors-only torch"
