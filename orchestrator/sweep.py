@@ -363,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     lock = _lock(spec)            # before any work: a second driver stops here, in one line
     try:
+        prepare_worlds(spec, progress=not args.quiet)   # pins each world's cache folder in the configs
         _check_folder(spec, args)
-        prepare_worlds(spec, progress=not args.quiet)
         return run_sweep(spec, args)
     finally:
         locks.release(lock)
