@@ -267,6 +267,11 @@ ERRORS = [  # (sweep file body after name/preset, overrides, what the message mu
      "metric: eval/tts/geneval_world\nmode: max\n", [], None),
     ("evaluation: {metrics: [world_fid], test_time: {bon: 4}}\nmetric: eval/tts/world_fid\n", [],
      "metric: eval/tts/world_fid is never computed"),
+    ("search_seed: -1\n", [], "search_seed: must be >= 0, got -1"),
+    ("scheduler: fifo\n", [], "s.yaml: scheduler: "),          # a string where a section goes
+    ("num_samples: 1000000\nsearch: {seed: {grid: [0, 1]}}\n", [], "num_samples: 2000000 trials"),
+    ("num_samples: 5000\nsearch: {seed: {grid: [0, 1]}}\n", [], None),   # 10,000: the limit
+    ("", ["reward.terms.3.weight=0.5"], "index 3 out of range"),
 ]
 
 
@@ -287,6 +292,8 @@ def test_validation_errors_name_file_and_key(tmp_path, body, overrides, needle):
     ("preset: x.yaml\n", "s.yaml: name: missing"),
     ("name: s\n", "s.yaml: preset: missing"),
     ("name: a/b\npreset: x.yaml\n", "s.yaml: name: 'a/b' may only use"),
+    ("name: ..\npreset: x.yaml\n", "s.yaml: name: '..' may only use"),      # never <output_dir>/..
+    ("name: .s\npreset: x.yaml\n", "cannot start with ."),
     ("name: s\npreset: nope/p.yaml\n", "s.yaml: preset: {tmp}/nope/p.yaml not found"),
 ])
 def test_name_and_preset_errors(tmp_path, text, needle):
@@ -317,3 +324,10 @@ def test_max_concurrent_leaves_room_for_the_evaluator_pool(tmp_path):
     assert max_concurrent(gpu, {"CPU": 64.0, "GPU": 8.0}) == 3
     with pytest.raises(UserError, match="scaling: one trial needs"):
         max_concurrent(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("x")
+    path = write(tmp_path, "output_dir: out\n")
+    with pytest.raises(UserError, match="output_dir: .*out is an existing file"):
+        load_sweep(path, cwd=tmp_path)
