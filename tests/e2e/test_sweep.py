@@ -156,6 +156,14 @@ def test_default_tracking_server_resume_and_report(tmp_path, ray_session):
     assert (out / "loss_dimo.png").is_file() and (out / "results.csv").is_file()
     assert len((out / "results.csv").read_text().strip().splitlines()) == 4   # header + 3 trials
 
+    # a damaged evaluation snapshot: its job fails, t000 ends without the metric, the sweep exits 1
+    t000 = tmp_path / "gan_mask/trials/t000"
+    (t000 / "eval.jsonl").unlink()
+    ema = t000 / "eval/step_00000002/ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:-100])
+    assert sweep.main(args + ["--resume"]) == 1
+    assert not (t000 / "eval.jsonl").exists()
+
 
 def test_two_worker_gloo_trial_keeps_parameters_identical(tmp_path, ray_session):
     path = one_trial_sweep(tmp_path / "ddp.yaml", "ddp", {"seed": {"grid": [0]}})
