@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from softdimo.teachers import FAMILIES, TeacherFilesMissing, check_paths
@@ -48,18 +48,80 @@ def merge_checked(schema: DictConfig, node: DictConfig | dict, source: str) -> D
     try:
         return OmegaConf.merge(schema, node)
     except OmegaConfBaseException as err:
-        raise UserError(f"{source}: {_key_of(err)}: {_reason(err)}") from None
+        key = _key_of(err)
+        if key == "?" and isinstance(node, (dict, DictConfig)):
+            key = _culprit(schema, node)   # e.g. "scheduler: fifo" where a section is expected
+        raise UserError(f"{source}: {key}: {_reason(err)}") from None
+
+
+def _culprit(schema: DictConfig, node) -> str:
+    """The top-level key whose merge fails, when OmegaConf's error does not name one."""
+    for key in node:
+        try:
+            OmegaConf.merge(schema, {key: node[key]})
+        except OmegaConfBaseException:
+            return str(key)
+    return "?"
+
+
+def split_override(item: str, source: str) -> tuple[str, str]:
+    """``key=value`` -> (key, value text); anything else is a one-line UserError."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"{source}: override {item!r} is not of the form key=value")
+    return key.strip(), text
+
+
+def parse_value(text: str, where: str) -> Any:
+    """One override value parsed the way OmegaConf parses ``key=value`` (YAML)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception as err:  # parse errors come in several types
+        raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
+
+
+def key_problem(cfg: DictConfig, key: str) -> Optional[str]:
+    """Why a dotted key does not name a value of ``cfg``, or None. Integer parts index lists
+    (``reward.terms.1.weight``); a mapping field (``teacher.paths``) also takes new keys."""
+    node: Any = cfg
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        if isinstance(node, ListConfig):
+            if not part.isdigit():
+                return f"{where} is a list: {part!r} is not an index"
+            if int(part) >= len(node):
+                return f"index {part} out of range ({where} has {len(node)} items)"
+            node = node._get_node(int(part))
+        elif isinstance(node, DictConfig):
+            if part in node.keys():
+                node = node._get_node(part)
+            elif OmegaConf.get_type(node) is dict and depth == len(parts) - 1:
+                return None
+            else:
+                return "not a key of the training config"
+        else:
+            return f"{where} is a single value, not a section"
+    return None
+
+
+def assign(cfg: DictConfig, key: str, value: Any, where: str) -> None:
+    """Set one dotted key of ``cfg`` (types converted and checked by the schema)."""
+    problem = key_problem(cfg, key)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    try:  # update merges dicts into sections and converts types without warnings
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str], source: str) -> DictConfig:
+    """``key=value`` items onto ``cfg``: the one override engine (train CLI and sweep trials)."""
     for item in overrides:
-        if "=" not in item:
-            raise UserError(f"{source}: override {item!r} is not of the form key=value")
-        try:
-            node = OmegaConf.from_dotlist([item])
-        except Exception as err:
-            raise UserError(f"{source}: override {item!r}: {str(err).splitlines()[0]}") from None
-        cfg = merge_checked(cfg, node, f"{source} (override {item})")
+        key, text = split_override(item, source)
+        where = f"{source} (override {item}): {key}"
+        assign(cfg, key, parse_value(text, where), where)
     return cfg
 
 

@@ -86,7 +86,8 @@ def _targets(args) -> list[tuple[str, Path, str | None, int | None]]:
                 print(f"{trial['key']}: not finished, skipped")
                 continue
             r = json.loads(result.read_text())
-            out.append((f"{trial['key']} {trial['label']}", Path(r["checkpoint"]), r["mlflow_run_id"], r["step"]))
+            ckpt = find_checkpoint(r["checkpoint"])        # verified: a damaged one is refused
+            out.append((f"{trial['key']} {trial['label']}", ckpt, r["mlflow_run_id"], r["step"]))
         if not out:
             raise UserError(f"{args.target}: no finished trial in {sweep_dir}")
         return out
@@ -97,7 +98,7 @@ def _targets(args) -> list[tuple[str, Path, str | None, int | None]]:
         final = run.data.tags.get("checkpoint.final")
         if not final:
             raise UserError(f"{args.target}: MLflow run has no checkpoint.final tag")
-        ckpt = Path(final)
+        ckpt = find_checkpoint(final)
         return [(run.info.run_name, ckpt, args.target, int(read_meta(ckpt)["step"]))]
     ckpt = find_checkpoint(args.target)
     return [(ckpt.name, ckpt, None, None)]
@@ -127,6 +128,12 @@ def _settings(args):
         if not sep:
             raise UserError(f"--weights: {item!r} is not KEY=PATH")
         paths[key] = value
+    from softdimo.checkpoints import WeightsFileError, check_weight_paths
+
+    try:
+        check_weight_paths(paths)
+    except WeightsFileError as err:
+        raise UserError(f"--weights: {err}") from None
     if args.num < 2:
         raise UserError("--num must be at least 2")
     if args.geneval_prompts_per_task < 1:

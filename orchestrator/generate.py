@@ -71,13 +71,19 @@ def add_test_time_options(p: argparse.ArgumentParser, lists: bool = True) -> Non
         tts.add_argument("--experiment", default="softdimo-generate", help="MLflow experiment name")
 
 
-def find_checkpoint(path: str) -> Path:
-    from trainers.checkpoint import resolve_checkpoint
+def find_checkpoint(path: str, only: tuple = ("ema.safetensors",)) -> Path:
+    """The checkpoint directory ``path`` names (or a run folder's latest one), verified against
+    its checksums (the ``only`` files: generation needs the EMA weights); damage is a UserError."""
+    from trainers.checkpoint import CheckpointDamaged, resolve_checkpoint, verify_checkpoint
 
     try:
-        return resolve_checkpoint(path)
+        found = resolve_checkpoint(path)
+        verify_checkpoint(found, only)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
+    except CheckpointDamaged as err:
+        raise UserError(f"{err}; pass an earlier checkpoint directory instead") from None
+    return found
 
 
 def conditions(args, teacher, ctx, names: list) -> tuple[list, object]:
@@ -157,13 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if (args.num is not None and args.num <= 0) or args.batch_size <= 0:
         raise UserError("--num and --batch-size must be positive")
-    if args.temperature is not None and args.temperature <= 0:
-        raise UserError("--temperature must be > 0")
+    if args.temperature is not None and not 0 < args.temperature < float("inf"):
+        raise UserError(f"--temperature must be a positive finite number, got {args.temperature}")
     configs = test_time_settings(args) if args.tteo else []
     path = find_checkpoint(args.checkpoint)
     import torch
 
-    from trainers.checkpoint import load_generator, read_meta
+    from softdimo.checkpoints import WeightsFileError
+    from trainers.checkpoint import CheckpointDamaged, load_generator, read_meta
     from trainers.loop import class_names
     from trainers.state import build_context
 
@@ -171,8 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     meta = read_meta(path)
     cfg = from_dict(meta["config"], str(path / "meta.json"))
-    ctx = build_context(cfg, rewards=False)
-    net = load_generator(ctx.teacher, path, ctx.device)
+    try:
+        ctx = build_context(cfg, rewards=False)
+    except WeightsFileError as err:
+        raise UserError(f"{path / 'meta.json'}: {err}") from None
+    try:
+        net = load_generator(ctx.teacher, path, ctx.device)
+    except CheckpointDamaged as err:
+        raise UserError(str(err)) from None
+    except RuntimeError as err:   # load_state_dict: weights that do not fit the run's network
+        raise UserError(f"{path}: the weights do not fit the network of its meta.json "
+                        f"({str(err).splitlines()[0]})") from None
     described, cond_source = conditions(args, ctx.teacher, ctx, class_names(ctx))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

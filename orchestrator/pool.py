@@ -36,6 +36,9 @@ class EvaluatorActor:
         self.evaluator = Evaluator(EvalSettings(**settings), device=device)
 
     def evaluate(self, checkpoint: str) -> dict:
+        from trainers.checkpoint import verify_checkpoint
+
+        verify_checkpoint(checkpoint, ("ema.safetensors",))   # a damaged snapshot fails its job
         return self.evaluator.evaluate(checkpoint)
 
 

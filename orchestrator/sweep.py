@@ -14,6 +14,10 @@ At the end a table of every trial's final metrics is printed with the address to
 
 Everything goes to <output_dir>/<name>/ (trials/, train/ checkpoints, tune/ state). ``--resume``
 continues an interrupted sweep: finished trials are not rerun and no MLflow run is duplicated.
+Nothing in the sweep folder is unpickled: resuming deletes Tune's own state (tune/) unread and starts
+a new Tuner over the same trials; a finished trial is recognised by its result.json, an unfinished
+one continues from its newest checkpoint that verifies. ASHA's rungs are not kept across a resume.
+One driver per sweep: a second one on the same folder stops with one line (<output_dir>/.<name>.lock).
 Inside ``ray job submit`` (or with --address) the sweep attaches to that cluster.
 """
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator.config import UserError, run_cli
-from orchestrator.sweep_config import SweepSpec, format_dry_run, load_sweep
+from orchestrator.sweep_config import SweepSpec, check_eval_weights, format_dry_run, load_sweep
 
 TABLE_METRICS = ("eval/world_fid", "eval/world_clip", "eval/geneval_world", "eval/fid5k", "eval/fid50k",
                  "eval/is", "eval/clip", "eval/hps_v21", "eval/imagereward", "eval/temperature",
@@ -75,20 +79,50 @@ def prepare_worlds(spec: SweepSpec, progress: bool) -> None:
         load_world(name, cache, build_if_missing=True, progress=progress, needs=sorted(components))
 
 
+MARKER = ".softdimo-sweep"          # in every sweep folder: --overwrite deletes only such folders
+SERVER_FILE = "mlflow_server.json"  # the running sweep's MLflow server (address, watchdog pid)
+
+
+def _lock(spec: SweepSpec) -> Path:
+    """Hold <output_dir>/.<name>.lock while this driver runs (orchestrator.locks)."""
+    from orchestrator import locks
+
+    root = locks.writable_dir(Path(spec.file.output_dir), f"{spec.source}: output_dir")
+    lock = root / f".{spec.file.name}.lock"
+    locks.acquire(lock, f"{spec.source}: sweep {spec.file.name}")
+    return lock
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder without reading it (links are removed, not followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def _check_folder(spec: SweepSpec, args) -> None:
     state = spec.sweep_dir / "sweep.json"
     if args.resume:
         if not state.is_file():
             raise UserError(f"{spec.source}: --resume: no earlier sweep in {spec.sweep_dir}")
-        before = json.loads(state.read_text())["trials"]
+        try:
+            before = json.loads(state.read_text())["trials"]
+            before = [t["config"] for t in before]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{spec.source}: --resume: {state} is not a readable sweep state; "
+                            "use --overwrite to start again") from None
         now = spec.to_json()["trials"]
-        if [t["config"] for t in before] != [t["config"] for t in now]:
+        if before != [t["config"] for t in now]:
             raise UserError(f"{spec.source}: --resume: the trials differ from those of the sweep in "
                             f"{spec.sweep_dir}; resume with the same file and overrides, or --overwrite")
-    elif spec.sweep_dir.exists():
+    elif spec.sweep_dir.exists() or spec.sweep_dir.is_symlink():
         if not args.overwrite:
             raise UserError(f"{spec.source}: name: {spec.sweep_dir} already exists; use --resume "
                             "to continue it, --overwrite to start again, or another name")
+        if spec.sweep_dir.is_symlink() or not (spec.sweep_dir / MARKER).is_file():
+            raise UserError(f"{spec.source}: --overwrite: {spec.sweep_dir} was not made by a sweep "
+                            f"(no {MARKER} file in it) and is left alone; use another name")
         shutil.rmtree(spec.sweep_dir)
 
 
@@ -229,9 +263,14 @@ def run_sweep(spec: SweepSpec, args) -> int:
     from orchestrator.trial import RESULT, train_driver, trial_dir
 
     progress = not args.quiet
+    spec.sweep_dir.mkdir(parents=True, exist_ok=True)
+    (spec.sweep_dir / MARKER).touch()
     uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec)
+    if server is not None:
+        (spec.sweep_dir / SERVER_FILE).write_text(json.dumps(
+            {"uri": server.uri, "store": str(server.store), "watchdog_pid": server.process.pid,
+             "driver_pid": os.getpid()}, indent=2))
     try:
-        spec.sweep_dir.mkdir(parents=True, exist_ok=True)
         state = spec.to_json()
         state["tracking_uri"] = read_uri
         (spec.sweep_dir / "sweep.json").write_text(json.dumps(state, indent=2))
@@ -268,21 +307,22 @@ def run_sweep(spec: SweepSpec, args) -> int:
             failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
             progress_reporter=_reporter(spec), verbose=1 if progress else 0,
             callbacks=[EvalDispatch(spec.file.name), OrphanGroupCleaner()])
-        if args.resume and tune.Tuner.can_restore(str(tune_dir)):
-            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"trial": tune.grid_search([_trial_json(t) for t in spec.trials])},
-                tune_config=tune.TuneConfig(
-                    scheduler=_scheduler(spec),
-                    max_concurrent_trials=concurrent,
-                    trial_name_creator=lambda t: t.config["trial"]["key"],
-                    trial_dirname_creator=lambda t: t.config["trial"]["key"]),
-                run_config=run_config)
+        # Never Tuner.restore: it unpickles tune/ (tuner.pkl, trial states), so a file planted in
+        # the sweep folder would run. Tune's state is deleted unread and a new Tuner runs every
+        # trial: train_driver reports a finished trial's result.json again, and an unfinished one
+        # resumes from its own verified checkpoint (Train's JSON snapshot under train/<key>/).
+        _remove(tune_dir)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([_trial_json(t) for t in spec.trials])},
+            tune_config=tune.TuneConfig(
+                scheduler=_scheduler(spec),
+                max_concurrent_trials=concurrent,
+                trial_name_creator=lambda t: t.config["trial"]["key"],
+                trial_dirname_creator=lambda t: t.config["trial"]["key"]),
+            run_config=run_config)
         grid = tuner.fit()
-        finish_pool(pool, sweep_ctx, progress)
+        eval_failures = finish_pool(pool, sweep_ctx, progress)
         rows = []
         for result in grid:
             trial = result.config["trial"]
@@ -301,11 +341,17 @@ def run_sweep(spec: SweepSpec, args) -> int:
         _replay_spools(spec, uri, parent_id, sweep_ctx)
         _close_stopped(rows, uri, parent_id)
         parent.log_text(table + "\n", "results.txt")
-        failed = any(r["status"] == "ERROR" for r in rows)
+        # a trial that finished without the sweep's metric (its evaluation failed) fails the sweep
+        missing = [r["key"] for r in rows if r["status"] == "DONE" and spec.file.metric not in r["metrics"]]
+        for key in missing:
+            print(f"{key}: the sweep's metric {spec.file.metric} was not computed"
+                  + ("; see the evaluation failures above" if eval_failures else ""), file=sys.stderr)
+        failed = bool(missing) or any(r["status"] == "ERROR" for r in rows)
         parent.close("FAILED" if failed else "FINISHED")
     finally:
         if server is not None:
             server.stop()
+            (spec.sweep_dir / SERVER_FILE).unlink(missing_ok=True)
     if server is not None:
         print(f"\nMLflow store: {read_uri}\nto compare the runs: {tracking.ui_command(server.store)}"
               "\n  then open http://127.0.0.1:5000")
@@ -356,12 +402,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     spec = load_sweep(args.sweep, args.overrides)
+    check_eval_weights(spec)
     if args.dry_run:
         print(format_dry_run(spec))
         return 0
-    prepare_worlds(spec, progress=not args.quiet)
-    _check_folder(spec, args)
-    return run_sweep(spec, args)
+    from orchestrator import locks
+
+    lock = _lock(spec)            # before any work: a second driver stops here, in one line
+    try:
+        prepare_worlds(spec, progress=not args.quiet)   # pins each world's cache folder in the configs
+        _check_folder(spec, args)
+        return run_sweep(spec, args)
+    finally:
+        locks.release(lock)
 
 
 if __name__ == "__main__":

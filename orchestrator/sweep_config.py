@@ -18,10 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from evaluators.suite import METRICS, TEST_TIME_METRICS
-from orchestrator.config import UserError, check_files, load_yaml, merge_checked, to_dict, validated
+from orchestrator.config import (UserError, assign, check_files, key_problem, load_yaml, merge_checked,
+                                 parse_value, split_override, to_dict, validated)
 from softdimo.teachers import TeacherFilesMissing
 from orchestrator.sweep_schema import SweepFile, SweepSpec, Trial
 from trainers.config import Config, ConfigValueError, check_test_time, check_values
@@ -32,7 +32,9 @@ MODES = ("min", "max")
 EVAL_METRICS = METRICS                   # evaluators.suite: what the evaluator pool computes
 # eval/* names a metric produces besides its own
 EVAL_OUTPUTS = {"prdc": ("precision", "recall", "density", "coverage"), "geneval_world": (), "geneval": ()}
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+# a folder under output_dir: no "..", no hidden names (the sweep's lock file is .<name>.lock)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MAX_TRIALS = 10_000      # the expansion is held in memory and printed by the dry run
 # Set by the sweep for every trial: a value from the file would be silently replaced.
 RESERVED = {"output_dir": "set per trial to <sweep_dir>/trials/<key>",
             "train.device": "set from scaling.use_gpu (override sweep.scaling.use_gpu instead)"}
@@ -45,7 +47,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None
     source = str(path)
     file_path = Path(path).expanduser()
     file_path = file_path if file_path.is_absolute() else cwd / file_path
-    items = [_split(item, source) for item in overrides]
+    items = [(item, *split_override(item, source)) for item in overrides]
     sweep_items = [(item, key, value) for item, key, value in items if key.startswith("sweep.")]
     train_items = [(item, key, value) for item, key, value in items if not key.startswith("sweep.")]
 
@@ -56,7 +58,15 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None
     if not preset.is_file():
         raise UserError(f"{source}: preset: {preset} not found")
     file.output_dir = str(_absolute(file.output_dir, cwd))
+    for folder, what in ((Path(file.output_dir), "output_dir"),
+                         (Path(file.output_dir) / file.name, "name")):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{source}: {what}: {folder} is an existing file, not a folder")
     samplers = {key: _sampler(key, spec, source) for key, spec in file.search.items()}
+    count = file.num_samples * math.prod(len(v) for kind, v in samplers.values() if kind == "grid")
+    if count > MAX_TRIALS:
+        raise UserError(f"{source}: num_samples: {count} trials (num_samples {file.num_samples} x "
+                        f"the grid) is more than {MAX_TRIALS}; split the sweep")
     for item, key, _ in train_items:
         for search_key in samplers:
             if key == search_key or key.startswith(search_key + "."):
@@ -124,27 +134,12 @@ def format_dry_run(spec: SweepSpec) -> str:
 
 # --- the sweep file -------------------------------------------------------------------------------
 
-def _split(item: str, source: str) -> tuple[str, str, str]:
-    if "=" not in item:
-        raise UserError(f"{source}: override {item!r} is not of the form key=value")
-    key, value = item.split("=", 1)
-    return item, key.strip(), value
-
-
-def _parse_value(text: str, where: str) -> Any:
-    """One override value parsed the way OmegaConf parses ``key=value`` (YAML)."""
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
-    except Exception as err:  # parse errors come in several types
-        raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
-
-
 def _load_file(path: Path, items: list, source: str) -> SweepFile:
     cfg = merge_checked(OmegaConf.structured(SweepFile), load_yaml(path), source)
     for item, key, text in items:
         where = f"{source} (override {item})"
         key = key[len("sweep."):]
-        value = _parse_value(text, f"{where}: {key}")
+        value = parse_value(text, f"{where}: {key}")
         head, _, rest = key.partition(".")
         if head in ("base", "search") and rest:
             # base and search map dotted training keys: "train.steps" is one key there; null drops it
@@ -179,9 +174,10 @@ def _check_file(f: SweepFile, source: str) -> None:
     eval_metric = f.metric[len("eval/"):] if f.metric.startswith("eval/") else None
     tts = evaluation.test_time is not None
     checks = [
-        ("name", NAME_PATTERN.fullmatch(f.name), f"{f.name!r} may only use letters, digits, _ . -"),
+        ("name", NAME_PATTERN.fullmatch(f.name), f"{f.name!r} may only use letters, digits, _ . - and cannot start with ."),
         ("preset", f.preset.strip(), "must name a preset file"),
         ("num_samples", f.num_samples >= 1, f"must be >= 1, got {f.num_samples}"),
+        ("search_seed", f.search_seed >= 0, f"must be >= 0, got {f.search_seed}"),
         ("mode", f.mode in MODES, f"{f.mode!r} is not one of {', '.join(MODES)}"),
         ("metric", f.metric.strip(), "must name a metric, e.g. eval/world_fid"),
         ("scheduler.type", sched.type in SCHEDULERS,
@@ -244,6 +240,26 @@ def _check_file(f: SweepFile, source: str) -> None:
             raise UserError(f"{source}: {err}") from None
 
 
+def check_eval_weights(spec: SweepSpec) -> None:
+    """The evaluator pool's weight files exist and read as tensors: checked by the dry run and
+    before Ray starts (otherwise every trial trains and the pool's actors die one after another)."""
+    ev, source = spec.file.evaluation, spec.source
+    if not ev.metrics or not ev.num_images:
+        return
+    from dataclasses import asdict
+
+    from evaluators.suite import EvalSettings, Evaluator
+    from evaluators.weights import WeightsMissing
+    from softdimo.checkpoints import WeightsFileError, check_weight_paths
+
+    try:
+        Evaluator(EvalSettings(metrics=list(ev.metrics), reference=ev.reference, paths=dict(ev.weights),
+                               test_time=asdict(ev.test_time) if ev.test_time else None))
+        check_weight_paths(ev.weights)
+    except (WeightsMissing, WeightsFileError) as err:
+        raise UserError(f"{source}: evaluation.weights: {err}") from None
+
+
 def _sampler(key: str, spec: Any, source: str) -> tuple[str, list]:
     where = f"{source}: search.{key}"
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
@@ -266,34 +282,14 @@ def _sampler(key: str, spec: Any, source: str) -> tuple[str, list]:
 # --- training configs -----------------------------------------------------------------------------
 
 def _key_problem(cfg: DictConfig, key: str) -> Optional[str]:
-    """Why a dotted key (integer parts index lists) does not name a value of ``cfg``, or None."""
-    if key in RESERVED:
-        return RESERVED[key]
-    node: Any = cfg
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        if isinstance(node, ListConfig):
-            where = ".".join(parts[:depth])
-            if not part.isdigit():
-                return f"{where} is a list: {part!r} is not an index"
-            if int(part) >= len(node):
-                return f"index {part} out of range ({where} has {len(node)} items)"
-            node = node[int(part)]
-        elif isinstance(node, DictConfig) and part in node:
-            node = node[part]
-        else:
-            return "not a key of the training config"
-    return None
+    return RESERVED.get(key) or key_problem(cfg, key)
 
 
 def _assign(cfg: DictConfig, key: str, value: Any, where: str) -> None:
-    problem = _key_problem(cfg, key)
+    problem = RESERVED.get(key)
     if problem:
         raise UserError(f"{where}: {problem}")
-    try:  # update merges dicts into sections and converts types without warnings
-        OmegaConf.update(cfg, key, value, merge=True)
-    except OmegaConfBaseException as err:
-        raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
+    assign(cfg, key, value, where)
 
 
 @dataclass
@@ -313,7 +309,7 @@ class _Layers:
             _assign(cfg, key, value, f"{self.source}: base.{key}")
         for item, key, text in self.train_items:
             where = f"{self.source} (override {item}): {key}"
-            _assign(cfg, key, _parse_value(text, where), where)
+            _assign(cfg, key, parse_value(text, where), where)
         self.common = cfg
         return self
 

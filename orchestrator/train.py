@@ -15,6 +15,8 @@ from typing import Sequence
 
 from orchestrator.config import UserError, load_config, run_cli, to_dict
 
+LOCK = ".softdimo.lock"      # one training process per output_dir (orchestrator.locks)
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -43,6 +45,18 @@ def reward_factory(name: str, device):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from orchestrator import locks
+
+    # before the world or any network loads: a bad folder or a second writer costs one line
+    out = locks.writable_dir(cfg.output_dir, f"{args.config}: output_dir")
+    locks.acquire(out / LOCK, f"{args.config}: output_dir {out}")
+    try:
+        return _run(args, cfg)
+    finally:
+        locks.release(out / LOCK)
+
+
+def _run(args, cfg) -> int:
     import torch
 
     from trainers.config import ConfigValueError
@@ -52,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     resolved = to_dict(cfg)
     from evaluators.weights import WeightsMissing
+    from softdimo.checkpoints import WeightsFileError
     from trainers.state import build_context
 
     try:
@@ -60,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WeightsMissing as err:
         raise UserError(f"{args.config}: reward.terms: {err}") from None
     except (ResumeError, ConfigValueError) as err:
+        raise UserError(f"{args.config}: {err}") from None
+    except WeightsFileError as err:
         raise UserError(f"{args.config}: {err}") from None
     except FloatingPointError as err:
         print(f"error: training diverged: {err}", file=sys.stderr)

@@ -121,6 +121,8 @@ def train_worker(loop_config: dict) -> None:
         hooks.on_grid = lambda path, step: tracker.log_image(path, "samples", step)
 
     restored = ray.train.get_checkpoint()
+    if restored is not None:
+        restored = _verified(restored)
     try:
         if restored is None:
             start = 0
@@ -128,13 +130,11 @@ def train_worker(loop_config: dict) -> None:
                 _append_json(tdir / ATTEMPTS, {"pid": os.getpid(), "start_step": 0, "time": time.time()})
             result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False)
         else:
-            with restored.as_directory() as path:
-                start = int(read_meta(path)["step"])
-                if rank == 0:
-                    _append_json(tdir / ATTEMPTS, {"pid": os.getpid(), "start_step": start,
-                                                   "time": time.time()})
-                result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False,
-                               resume_from=Path(path))
+            start = int(read_meta(restored)["step"])
+            if rank == 0:
+                _append_json(tdir / ATTEMPTS, {"pid": os.getpid(), "start_step": start,
+                                               "time": time.time()})
+            result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False, resume_from=restored)
     except FloatingPointError as err:
         # Retrying a deterministic run would only reproduce the NaN: record it, end cleanly, and
         # let the driver fail the trial. No checkpoint was written for the bad step.
@@ -153,6 +153,17 @@ def train_worker(loop_config: dict) -> None:
             tracker.log_metrics(result.step, {"ddp/max_param_spread": final["ddp/max_param_spread"]})
         (tdir / FINAL).write_text(json.dumps(final, indent=2, sort_keys=True))
         tracker.close()
+
+
+def _verified(restored: "ray.train.Checkpoint") -> Path | None:
+    """The newest of the trial's checkpoints, up to the one Train hands back, that verifies against
+    its checksums (a damaged one is skipped with one warning line); None: start afresh."""
+    from trainers.checkpoint import META, newest_good
+
+    with restored.as_directory() as path:    # the sweep's storage is a local or shared folder
+        latest = Path(path)
+    found = sorted(p for p in latest.parent.glob("step_*") if p.name <= latest.name and (p / META).is_file())
+    return newest_good(found)
 
 
 def _run_name(trial: dict) -> str:

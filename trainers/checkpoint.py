@@ -4,17 +4,23 @@ Layout of ``<output_dir>/checkpoints/step_00000300/``:
 - ``generator.safetensors``, ``ema.safetensors``, ``auxiliary.safetensors``, ``discriminator.safetensors``
 - ``optim.safetensors`` + ``optim.json``: optimizer and scheduler states (tensors / everything else)
 - ``rng.safetensors``: the run's generator state (one per data-parallel rank) and torch's global RNG
-- ``meta.json``: step, images seen, config hash, the resolved config, the world it ran on
+- ``meta.json``: step, images seen, config hash, the resolved config, the world it ran on, and the
+  sha256 of every other file (``files``)
 
 The directory is written under a temporary name and renamed, so a crash never leaves a half
 checkpoint behind; ``latest_checkpoint`` only considers directories that contain ``meta.json``.
+Damage after that (a truncated copy, flipped bytes, a lost file) is caught by ``verify_checkpoint``:
+resuming falls back to the newest checkpoint that verifies, generation refuses a damaged one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +30,20 @@ from trainers.state import TrainState
 
 META = "meta.json"
 PREFIX = "step_"
+REQUIRED = ("generator.safetensors", "ema.safetensors", "optim.safetensors", "optim.json",
+            "rng.safetensors")   # present in every checkpoint, whatever the run's modules
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint whose meta.json cannot be read or whose files do not match their checksums."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _flatten_optimizer(name: str, sd: dict, tensors: dict) -> dict:
@@ -88,7 +108,8 @@ def save_checkpoint(st: TrainState, output_dir: str | Path, meta: dict, keep: in
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
-    full_meta = dict(meta, step=st.step, images_seen=st.images_seen)
+    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.name != META}
+    full_meta = dict(meta, step=st.step, images_seen=st.images_seen, files=files)
     (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
@@ -112,8 +133,50 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def latest_good_checkpoint(output_dir: str | Path) -> Path | None:
+    return newest_good(list_checkpoints(output_dir))
+
+
 def read_meta(path: str | Path) -> dict:
-    return json.loads((Path(path) / META).read_text())
+    """A checkpoint's meta.json; CheckpointDamaged when it is missing, truncated or not an object."""
+    file = Path(path) / META
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointDamaged(f"{file} cannot be read ({str(err).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or "step" not in meta or "config" not in meta:
+        raise CheckpointDamaged(f"{file} is not a softdimo checkpoint's meta.json")
+    return meta
+
+
+def verify_checkpoint(path: str | Path, only: Sequence[str] | None = None) -> dict:
+    """The meta of a checkpoint whose files (or the ``only`` ones, e.g. ``ema.safetensors`` for
+    generation) match the sha256 recorded at saving; CheckpointDamaged naming the first bad file.
+    Checkpoints from before checksums were recorded are only checked for the files' presence."""
+    path = Path(path)
+    meta = read_meta(path)
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        files = {n: None for n in (only or REQUIRED)}
+    wanted = files if only is None else {n: files.get(n, "absent from meta.json") for n in only}
+    for name, digest in wanted.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointDamaged(f"{file} is missing")
+        if digest is not None and file_sha256(file) != digest:
+            raise CheckpointDamaged(f"{file} does not match its checksum in {META} (damaged or replaced)")
+    return meta
+
+
+def newest_good(candidates: Iterable[Path], only: Sequence[str] | None = None) -> Path | None:
+    """The newest of ``candidates`` (oldest first) that verifies; one warning line per skipped one."""
+    for path in reversed(list(candidates)):
+        try:
+            verify_checkpoint(path, only)
+            return path
+        except CheckpointDamaged as err:
+            print(f"warning: skipping damaged checkpoint: {err}", file=sys.stderr)
+    return None
 
 
 def save_module(module: torch.nn.Module, file: Path) -> None:
@@ -138,9 +201,13 @@ def load_weights(path: str | Path, name: str, device: torch.device | str = "cpu"
     file = Path(path) / f"{name}.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: not a softdimo checkpoint directory")
-    state = load_file(str(file), device=str(device))
-    with safe_open(str(file), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    try:
+        state = load_file(str(file), device=str(device))
+        with safe_open(str(file), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except Exception as err:  # safetensors reports a bad header or a short file in several types
+        raise CheckpointDamaged(f"{file} is not a readable safetensors file "
+                                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     state.update({alias: state[kept] for alias, kept in aliases.items()})
     return state
 
@@ -202,7 +269,7 @@ def init_from(st: TrainState, path: str | Path, teacher_kind: str, world_spec: s
     student of another world's teacher load and silently train on the wrong tokens.
     """
     path = resolve_checkpoint(path)
-    meta = read_meta(path)
+    meta = verify_checkpoint(path, [f"{n}.safetensors" for n in ("generator", "ema", "auxiliary")])
     source = meta.get("config", {})
     theirs = (source.get("teacher", {}).get("kind"), source.get("world", {}).get("spec"))
     if theirs[0] != teacher_kind or (teacher_kind.startswith("world_") and theirs[1] != world_spec):

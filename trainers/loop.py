@@ -136,7 +136,10 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
     ctx = ctx or build_context(cfg, progress=progress and main)
     st = build_state(cfg, ctx)
     rhash = resume_hash(resolved)
-    latest = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(output_dir) if resume else None)
+    latest = Path(resume_from) if resume_from else (ckpt.latest_good_checkpoint(output_dir) if resume else None)
+    if resume and latest is None and ckpt.list_checkpoints(output_dir):
+        raise ResumeError(f"no checkpoint in {output_dir / 'checkpoints'} verifies; "
+                          "use another output_dir or start afresh without --resume")
     init = None
     if latest is not None:
         _restore(st, latest, rhash)

@@ -72,7 +72,8 @@ def ui_command(store: Path) -> str:
 
 
 class LocalServer:
-    """``mlflow server`` on ``<store>/mlflow.db`` + ``<store>/artifacts``, in its own process group."""
+    """``mlflow server`` on ``<store>/mlflow.db`` + ``<store>/artifacts``, in its own process group
+    led by ``orchestrator.tracking.watchdog``, which stops the server when this process dies."""
 
     def __init__(self, store: Path, port: int, process: subprocess.Popen):
         self.store, self.port, self.process = store, port, process
@@ -89,7 +90,9 @@ class LocalServer:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
         log_path = store / "server.log"
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_uri(store),
+        # under the watchdog: the server ends with this process even when it is SIGKILLed
+        cmd = [sys.executable, str(Path(__file__).with_name("watchdog.py")), "--",
+               sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_uri(store),
                "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

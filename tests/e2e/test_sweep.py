@@ -156,6 +156,14 @@ def test_default_tracking_server_resume_and_report(tmp_path, ray_session):
     assert (out / "loss_dimo.png").is_file() and (out / "results.csv").is_file()
     assert len((out / "results.csv").read_text().strip().splitlines()) == 4   # header + 3 trials
 
+    # a damaged evaluation snapshot: its job fails, t000 ends without the metric, the sweep exits 1
+    t000 = tmp_path / "gan_mask/trials/t000"
+    (t000 / "eval.jsonl").unlink()
+    ema = t000 / "eval/step_00000002/ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:-100])
+    assert sweep.main(args + ["--resume"]) == 1
+    assert not (t000 / "eval.jsonl").exists()
+
 
 def test_two_worker_gloo_trial_keeps_parameters_identical(tmp_path, ray_session):
     path = one_trial_sweep(tmp_path / "ddp.yaml", "ddp", {"seed": {"grid": [0]}})
@@ -278,3 +286,78 @@ def test_evaluator_pool_requeues_the_checkpoint_of_a_dead_actor(tmp_path, ray_se
     assert len(got) == 1 and got[0][1]["eval/world_fid"] >= 0.0
     assert pool.actors and pool.actors[0] != first    # replaced
     pool.shutdown()
+
+
+def _alive(pid: int) -> bool:
+    """A running process (a zombie that nobody reaped has ended)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def _servers(store: Path) -> list:
+    """Live processes (mlflow server, uvicorn, watchdog) whose command line names ``store``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(store) in (proc / "cmdline").read_bytes().decode(errors="replace") and _alive(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_driver_resumes_without_unpickling_and_leaves_no_server(tmp_path, test_world):
+    """SIGKILL the driver mid-sweep: its MLflow server goes with it; pickles planted in the sweep
+    folder (Tune's tuner.pkl among them) never run on --resume; nothing finished is retrained, the
+    unfinished trial continues from its checkpoint, and MLflow holds one run per trial."""
+    from tests.e2e.test_damaged_input import plant
+
+    path = one_trial_sweep(tmp_path / "k.yaml", "k", {"seed": {"grid": [0, 1]}})
+    args = [sys.executable, "-m", "orchestrator.sweep", str(path), *tiny(tmp_path, sqlite=False),
+            "train.steps=24", "train.checkpoint_every=4", "train.log_every=4",
+            "sweep.max_concurrent_trials=1", "--num-cpus", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    sweep_dir, store = tmp_path / "k", (tmp_path / "mlflow").resolve()
+    driver = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        server = _wait(lambda: (sweep_dir / "mlflow_server.json").is_file() and json.loads(
+            (sweep_dir / "mlflow_server.json").read_text()), 180, "the MLflow server")
+        assert _alive(server["watchdog_pid"]) and _servers(store)
+        second = sweep_dir / "train/t001/checkpoint_manager_snapshot.json"
+        _wait(lambda: (sweep_dir / "trials/t000/result.json").is_file() and second.is_file()
+              and json.loads(second.read_text())["checkpoint_results"], 240, "t001's first checkpoint")
+        driver.kill()
+    finally:
+        driver.kill()
+        driver.wait()
+    _wait(lambda: not _servers(store), 30, "the orphaned MLflow server to stop")
+    assert not (sweep_dir / "trials/t001/result.json").is_file()
+    done = (sweep_dir / "trials/t000/attempts.jsonl").read_text()
+
+    marker = tmp_path / "planted-code-ran"
+    for planted in ("tune/tuner.pkl", "tune/trainable.pkl", "tune/t001/params.pkl", "trials/t001/state.pkl"):
+        plant(sweep_dir / planted, marker)
+    resumed = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not marker.exists()
+    assert (sweep_dir / "trials/t000/attempts.jsonl").read_text() == done          # not retrained
+    attempts = [json.loads(line) for line in (sweep_dir / "trials/t001/attempts.jsonl").read_text().splitlines()]
+    assert attempts[-1]["start_step"] > 0                                           # resumed
+    found = results(sweep_dir)
+    assert found["t000"]["step"] == found["t001"]["step"] == 24
+    runs = mlflow_children(tracking.sqlite_uri(store), "k")
+    assert [r.data.tags["softdimo.trial"] for r in runs] == ["t000", "t001"]        # no duplicates
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert not _servers(store) and not (sweep_dir / "mlflow_server.json").exists()

@@ -83,3 +83,29 @@ def test_train_cli_exits_2_without_traceback(args, needle):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_overrides_index_lists_and_extend_mappings():
+    """The one override engine (train CLI and sweeps): list items by index, new keys in mapping fields."""
+    from omegaconf import OmegaConf
+
+    from orchestrator.config import apply_overrides
+
+    cfg = load_config(ROOT / "sweeps/presets/tiny_t2i.yaml", ["reward.terms.1.weight=0.5"])
+    assert cfg.reward.terms[1].weight == 0.5
+    raw = apply_overrides(OmegaConf.structured(Config), ["teacher.paths.extra=/x", "teacher.options.size=3"], "t")
+    assert raw.teacher.paths["extra"] == "/x" and raw.teacher.options["size"] == 3
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("reward.terms.7.weight=0.5", "index 7 out of range"),
+    ("reward.terms.x.weight=0.5", "reward.terms is a list: 'x' is not an index"),
+    ("train.steps.x=1", "train.steps is a single value"),
+    ("train.nope.x=1", "not a key of the training config"),
+    ("=1", "is not of the form key=value"),
+    ("train.steps=[1", "train.steps"),
+])
+def test_override_errors_are_one_line(override, needle):
+    with pytest.raises(UserError) as err:
+        load_config(ROOT / "sweeps/presets/tiny_t2i.yaml", [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -267,6 +267,11 @@ ERRORS = [  # (sweep file body after name/preset, overrides, what the message mu
      "metric: eval/tts/geneval_world\nmode: max\n", [], None),
     ("evaluation: {metrics: [world_fid], test_time: {bon: 4}}\nmetric: eval/tts/world_fid\n", [],
      "metric: eval/tts/world_fid is never computed"),
+    ("search_seed: -1\n", [], "search_seed: must be >= 0, got -1"),
+    ("scheduler: fifo\n", [], "s.yaml: scheduler: "),          # a string where a section goes
+    ("num_samples: 1000000\nsearch: {seed: {grid: [0, 1]}}\n", [], "num_samples: 2000000 trials"),
+    ("num_samples: 5000\nsearch: {seed: {grid: [0, 1]}}\n", [], None),   # 10,000: the limit
+    ("", ["reward.terms.3.weight=0.5"], "index 3 out of range"),
 ]
 
 
@@ -287,6 +292,8 @@ def test_validation_errors_name_file_and_key(tmp_path, body, overrides, needle):
     ("preset: x.yaml\n", "s.yaml: name: missing"),
     ("name: s\n", "s.yaml: preset: missing"),
     ("name: a/b\npreset: x.yaml\n", "s.yaml: name: 'a/b' may only use"),
+    ("name: ..\npreset: x.yaml\n", "s.yaml: name: '..' may only use"),      # never <output_dir>/..
+    ("name: .s\npreset: x.yaml\n", "cannot start with ."),
     ("name: s\npreset: nope/p.yaml\n", "s.yaml: preset: {tmp}/nope/p.yaml not found"),
 ])
 def test_name_and_preset_errors(tmp_path, text, needle):
@@ -340,3 +347,10 @@ def test_results_table_shows_the_evaluation_noise_and_says_whether_trials_differ
     assert "Training-seed noise is not in it" in close
     assert "noise" not in _table([{"key": "a", "label": "a", "status": "DONE",
                                    "metrics": {"eval/world_fid": 40.0}}])
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("x")
+    path = write(tmp_path, "output_dir: out\n")
+    with pytest.raises(UserError, match="output_dir: .*out is an existing file"):
+        load_sweep(path, cwd=tmp_path)
