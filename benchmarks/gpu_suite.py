@@ -14,7 +14,9 @@ keeps what it measured; an error in one stage or family is recorded and the rest
    RANDOM weights at the published sizes, built on the GPU (benchmarks/random_teachers.py), the
    trainer's Di[M]O-only step and its joint step (+ GAN + reward as the preset has them) at Table
    5's batch / 4, bf16: s/step, images/s, peak memory, FLOPs (torch.utils.flop_counter), MFU,
-   and the joint/Di[M]O-only time ratio next to the FLOP ratio (benchmarks/step_bench.py).
+   and the joint/Di[M]O-only time ratio next to the FLOP ratio (benchmarks/step_bench.py). For the
+   families with an MFU target (MaskGit, MaskBit, MaskGen) one more joint step runs under
+   torch.profiler: OUT/profile_<family>.txt and, in the report, host syncs and the top ops.
 3. ``fid``: images/s of our FID feature path vs clean-fid's folder mode on the same 5,000 + 5,000
    images and the same random-weight Inception, with |ΔFID| (benchmarks/fid_throughput.py).
 4. ``sweep``: the embedded-world gan_weight sweep with fractional GPUs per trial. It needs the full
@@ -48,6 +50,9 @@ from benchmarks import random_teachers as rt  # noqa: E402
 from benchmarks import suite_report  # noqa: E402
 
 STAGES = ("tests", "steps", "fid", "sweep")
+# the families with an MFU target: one extra joint step each under torch.profiler, so that a missed
+# target comes with its op table from the same run (the GPU time for a second run may not exist)
+PROFILED = ("maskgit", "maskbit", "maskgen")
 
 
 def environment(device: torch.device) -> dict:
@@ -100,7 +105,8 @@ def run_steps(families: list[str], device: torch.device, smoke: bool, results: d
         start = time.perf_counter()
         try:
             row = family_pair(family, "smoke" if smoke else "full", device,
-                              batch=2 if smoke else None, steps=1 if smoke else 3, warmup=1)
+                              batch=2 if smoke else None, steps=1 if smoke else 3, warmup=1,
+                              profile_dir=out if family in PROFILED else None)
         except Exception as err:        # one family's failure must not cost the others' figures
             row = {"family": family, "error": f"{type(err).__name__}: {str(err)[:300]}",
                    "traceback": traceback.format_exc()[-3000:]}
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_s if args.budget_s is not None else (480.0 if device.type == "cuda" else float("inf"))
     deadline = t0 + budget
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results = {"mode": "smoke" if args.smoke else "full", "command": " ".join(["python"] + sys.argv),
                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "environment": environment(device), "stages": stages, "families": families,

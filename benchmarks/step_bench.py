@@ -87,7 +87,30 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _run(bench, cfg, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+def profile_step(cfg, ctx, st, path) -> dict[str, Any]:
+    """One more step under torch.profiler: the op table (by device time) to ``path``, and a summary:
+    the top ops and the host syncs (``aten::_local_scalar_dense``: ``.item()``, ``float(t)``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainers.steps import train_step
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_step(cfg, ctx, st)
+        _sync(ctx.device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by=key, row_limit=40))
+    total = sum(getattr(e, key) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:8]
+    syncs = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+    return {"table": path.name, "host_syncs_per_step": syncs, "time_key": key,
+            "top_ops": [{"op": e.key, "share": getattr(e, key) / total, "calls": e.count} for e in top]}
+
+
+def _run(bench, cfg, device: torch.device, steps: int, warmup: int,
+         profile_path=None) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from trainers.state import TrainContext, build_state
@@ -112,22 +135,23 @@ def _run(bench, cfg, device: torch.device, steps: int, warmup: int) -> dict[str,
         _sync(device)
         seconds = (time.perf_counter() - start) / steps
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        profiled = profile_step(cfg, ctx, st, profile_path) if profile_path else None
     finally:
         del st, ctx
         _free(device)
     return {"seconds_per_step": seconds, "flops_per_step": flops, "peak_memory_bytes": peak,
-            "losses": sorted(k for k in metrics if k.startswith("loss/"))}
+            "losses": sorted(k for k in metrics if k.startswith("loss/")), "profile": profiled}
 
 
 def measure(bench, batch: int, device: torch.device, joint: bool, steps: int = 3, warmup: int = 1,
-            precision: str = "auto") -> dict[str, Any]:
+            precision: str = "auto", profile_path=None) -> dict[str, Any]:
     """One variant of one family at ``batch`` (halved on out-of-memory until it fits)."""
     name, peak = bf16_peak(device)
     requested, tried = batch, []
     while True:
         cfg = step_config(bench, batch, device, joint, precision)
         try:
-            out = _run(bench, cfg, device, steps, warmup)
+            out = _run(bench, cfg, device, steps, warmup, profile_path)
             break
         except torch.cuda.OutOfMemoryError:
             tried.append(batch)
@@ -152,8 +176,14 @@ def measure(bench, batch: int, device: torch.device, joint: bool, steps: int = 3
 
 
 def family_pair(family: str, size: str, device: torch.device, batch: int | None = None,
-                steps: int = 3, warmup: int = 1) -> dict[str, Any]:
-    """Di[M]O-only and joint steps of one family, side by side, and their time and FLOP ratios."""
+                steps: int = 3, warmup: int = 1, profile_dir=None) -> dict[str, Any]:
+    """Di[M]O-only and joint steps of one family, side by side, and their time and FLOP ratios.
+
+    With ``profile_dir``, one extra joint step runs under torch.profiler (not timed):
+    ``profile_dir/profile_<family>.txt`` and a summary under ``joint.profile``.
+    """
+    from pathlib import Path
+
     from benchmarks import random_teachers as rt
 
     start = time.perf_counter()
@@ -162,7 +192,8 @@ def family_pair(family: str, size: str, device: torch.device, batch: int | None 
     build_s = time.perf_counter() - start
     batch = batch or rt.per_gpu_batch(family)
     dimo = measure(bench, batch, device, joint=False, steps=steps, warmup=warmup)
-    joint = measure(bench, batch, device, joint=True, steps=steps, warmup=warmup)
+    path = Path(profile_dir) / f"profile_{family}.txt" if profile_dir else None
+    joint = measure(bench, batch, device, joint=True, steps=steps, warmup=warmup, profile_path=path)
     out = {"family": family, "size": size, "teacher_params": bench.params, "build_seconds": build_s,
            "table5_batch": rt.TABLE5_BATCH[family], "per_gpu_batch": batch, "rewards": list(rewards),
            "dimo_only": dimo, "joint": joint, "weights": rt.NOTE}

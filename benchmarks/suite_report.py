@@ -70,6 +70,19 @@ def ratio_rows(steps: list[dict]) -> list[str]:
     return head + rows
 
 
+def profile_lines(steps: list[dict]) -> list[str]:
+    """Per profiled family: host syncs per step and the ops with the largest share of device time."""
+    lines = []
+    for fam in steps:
+        prof = (fam.get("joint") or {}).get("profile")
+        if not prof:
+            continue
+        ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in prof["top_ops"][:5])
+        lines.append(f"- {fam['family']} (`{prof['table']}`): {prof['host_syncs_per_step']} host syncs "
+                     f"per step; top ops by {prof['time_key']}: {ops}")
+    return (["Profile of one joint step (torch.profiler, not timed):", ""] + lines + [""]) if lines else []
+
+
 def markdown(results: dict) -> str:
     env = results.get("environment", {})
     lines = [f"# GPU suite: {results.get('mode', '?')} run", "",
@@ -90,7 +103,7 @@ def markdown(results: dict) -> str:
                   f"{steps[0].get('weights', '')}. bf16 autocast (the trainer's `precision: auto` on CUDA); "
                   "FLOPs from `torch.utils.flop_counter` over one whole step (θ, ψ and discriminator "
                   "updates); MFU against the GPU's dense bf16 peak.", ""]
-        lines += step_rows(steps) + [""] + ratio_rows(steps) + [""]
+        lines += step_rows(steps) + [""] + ratio_rows(steps) + [""] + profile_lines(steps)
     fid = results.get("fid")
     if fid:
         if "error" in fid:

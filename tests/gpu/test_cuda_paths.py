@@ -182,7 +182,7 @@ def test_nccl_with_one_worker_runs_the_collectives_and_a_step(cuda_state):
         pytest.fail("this CUDA build of torch has no NCCL")
     cfg, ctx, st = cuda_state
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    torch_dist.init_process_group("nccl", rank=0, world_size=1, device_id=CUDA)
+    torch_dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         assert torch_dist.get_backend() == "nccl" and dist.world_size() == 1 and dist.is_main()
         t = torch.arange(6, dtype=torch.float32, device=CUDA)
