@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import re
 import subprocess
@@ -53,6 +54,7 @@ STAGES = ("tests", "steps", "fid", "sweep")
 # the families with an MFU target: one extra joint step each under torch.profiler, so that a missed
 # target comes with its op table from the same run (the GPU time for a second run may not exist)
 PROFILED = ("maskgit", "maskbit", "maskgen")
+NEEDS = ("omegaconf", "diffusers", "open_clip", "cleanfid", "transformers", "scipy", "pytest")
 
 
 def environment(device: torch.device) -> dict:
@@ -187,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"gpu_suite: unknown stage or family {bad[0]!r} (stages {', '.join(STAGES)}; families "
               f"{', '.join(rt.FAMILIES)})", file=sys.stderr)
+        return 2
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    if missing:           # the GPU image lacks these unless .whl/ was carried (gpu_wheels.sh)
+        print(f"gpu_suite: missing Python packages {', '.join(missing)}: carry the wheels of "
+              "benchmarks/gpu_wheels.sh (LOG.md, issue 13)", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.smoke:
