@@ -19,11 +19,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+if __name__ == "__main__":        # `python benchmarks/step_bench.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name
 BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
@@ -182,7 +187,6 @@ def family_pair(family: str, size: str, device: torch.device, batch: int | None 
     With ``profile_dir``, one extra joint step runs under torch.profiler (not timed):
     ``profile_dir/profile_<family>.txt`` and a summary under ``joint.profile``.
     """
-    from pathlib import Path
 
     from benchmarks import random_teachers as rt
 
