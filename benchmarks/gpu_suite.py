@@ -107,7 +107,8 @@ def run_steps(families: list[str], device: torch.device, smoke: bool, results: d
         start = time.perf_counter()
         try:
             row = family_pair(family, "smoke" if smoke else "full", device,
-                              batch=2 if smoke else None, steps=1 if smoke else 3, warmup=1,
+                              batch=2 if smoke else None, steps=1 if smoke else 3,
+                              warmup=1 if smoke else 2,
                               profile_dir=out if family in PROFILED else None)
         except Exception as err:        # one family's failure must not cost the others' figures
             row = {"family": family, "error": f"{type(err).__name__}: {str(err)[:300]}",

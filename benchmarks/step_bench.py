@@ -10,9 +10,9 @@ the teacher and rewards from ``benchmarks.random_teachers`` (random weights, pub
 same process, one after the other, at the same batch, so their ratio is side by side.
 
 Per variant: seconds per step (mean over --steps after --warmup), images per second, peak CUDA
-memory, FLOPs per step counted by ``torch.utils.flop_counter.FlopCounterMode`` on one extra step,
-and MFU = FLOPs / seconds / the GPU's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). A batch that
-runs out of memory is halved until one fits; the result says so ("fits": false, "batch").
+memory, FLOPs per step counted by ``torch.utils.flop_counter.FlopCounterMode`` on the first
+warm-up step, and MFU = FLOPs / seconds / the GPU's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s).
+A batch that runs out of memory is halved until one fits; the result says so ("fits": false).
 """
 from __future__ import annotations
 
@@ -126,11 +126,12 @@ def _run(bench, cfg, device: torch.device, steps: int, warmup: int,
                        rewards=rewards, device=device)
     st = build_state(cfg, ctx)
     try:
-        for _ in range(warmup):
-            train_step(cfg, ctx, st)
+        # the first warm-up step is the FLOP-counted one: FLOPs do not depend on warm caches
         with FlopCounterMode(display=False) as counter:
             metrics = train_step(cfg, ctx, st)
         flops = counter.get_total_flops()
+        for _ in range(warmup - 1):
+            train_step(cfg, ctx, st)
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -152,6 +153,7 @@ def measure(bench, batch: int, device: torch.device, joint: bool, steps: int = 3
             precision: str = "auto", profile_path=None) -> dict[str, Any]:
     """One variant of one family at ``batch`` (halved on out-of-memory until it fits)."""
     name, peak = bf16_peak(device)
+    warmup = max(1, warmup)
     requested, tried = batch, []
     while True:
         cfg = step_config(bench, batch, device, joint, precision)
