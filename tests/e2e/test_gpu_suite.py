@@ -106,6 +106,43 @@ print(json.dumps(out))
     assert [got[f][5] for f in ("maskgit", "maskbit", "maskgen", "meissonic")] == [64, 64, 16, 4]
 
 
+def test_full_size_forward_decode_and_reward_shapes_on_meta():
+    """Every full-size path the joint step takes, shape-checked on the meta device: soft and hard
+    embeddings, the backbone with the GAN layers' features, the soft decode, ImageReward."""
+    code = """
+import json, torch
+from benchmarks import random_teachers as rt
+meta = torch.device("meta")
+out = {}
+for f in rt.FAMILIES:
+    t = rt.build(f, "full", meta).teacher
+    B = 2
+    if t.conditioning == "class":          # (encode_condition range-checks values: not on meta)
+        cond = torch.zeros(B, dtype=torch.long, device=meta)
+    else:
+        cond = t.encode_condition(prompts=["a", "b"])
+    p = torch.softmax(torch.empty(B, t.seq_len, t.V, device=meta), -1)
+    e = torch.cat([t.embed_probs(p), t.embed_ids(torch.zeros(B, t.seq_len, dtype=torch.long, device=meta))])
+    logits, feats = t.forward_embeddings(t.make_student(), e, torch.cat([cond, t.null_condition(B)]), [1, -1])
+    out[f] = [list(logits.shape), list(feats[-1].shape), list(t.decode_probs(p, cond).shape)]
+ir = rt.random_scorers(["imagereward"], "full", meta)["imagereward"]
+out["imagereward"] = list(ir(torch.rand(2, 3, 1024, 1024, device=meta), ["a", "b"]).shape)
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if got["maskgit"][0][-1] == 1025:      # V + 1: a version whose MaskGit logits keep the mask column
+        got["maskgit"][0][-1] = 1024
+    assert got == {"maskgit": [[4, 256, 1024], [4, 256, 768], [2, 3, 256, 256]],
+                   "maskbit": [[4, 512, 128], [4, 256, 1024], [2, 3, 256, 256]],
+                   "maskgen": [[4, 128, 8192], [4, 128, 1024], [2, 3, 256, 256]],
+                   "meissonic": [[4, 4096, 8192], [4, 1024, 1024], [2, 3, 1024, 1024]],
+                   "amused_512": [[4, 1024, 8192], [4, 256, 1024], [2, 3, 512, 512]],
+                   "imagereward": [2]}
+
+
 def test_bad_arguments_stop_with_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, str(SUITE), str(tmp_path), "--only", "bogus"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=120)
