@@ -280,7 +280,8 @@ class Evaluator:
                 from evaluators.world_eval import world_fid
 
                 ref = student.world.reference(student.track).images
-                out[metric] = world_fid(student.world.features, images, ref, device=self.device)
+                out[metric], out[f"{metric}_se"] = world_fid(student.world.features, images, ref,
+                                                             device=self.device, with_se=True)
             elif metric == "world_clip":
                 out[metric] = self._mean_score(student.world.clip_score, images, prompts)
             elif metric in SCORE_METRICS:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluators.fid import fid_from_features
+from evaluators.fid import fid_bootstrap_se, fid_from_features
 from softdimo.teachers.protocol import Teacher
 from softdimo.world.scenes import class_names
 from trainers.sampling import one_step_tokens
@@ -34,9 +34,12 @@ def extract_features(feature_net: torch.nn.Module, images: torch.Tensor, batch: 
 
 
 def world_fid(feature_net: torch.nn.Module, generated: torch.Tensor, reference: torch.Tensor,
-              device: torch.device | str = "cpu") -> float:
-    return fid_from_features(extract_features(feature_net, generated, device=device),
-                             extract_features(feature_net, reference, device=device))
+              device: torch.device | str = "cpu", with_se: bool = False) -> float | tuple[float, float]:
+    """World-FID of ``generated`` against ``reference``; with ``with_se``, (FID, bootstrap SE)."""
+    gen = extract_features(feature_net, generated, device=device)
+    ref = extract_features(feature_net, reference, device=device)
+    fid = fid_from_features(gen, ref)
+    return (fid, fid_bootstrap_se(gen, ref)) if with_se else fid
 
 
 def eval_conditions(teacher: Teacher, n: int, num_classes: int, captions: Sequence[str]) -> list:

@@ -91,6 +91,12 @@ def check_files(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if value and not Path(value).expanduser().is_file():
             raise TeacherFilesMissing(f"data.{key}", f"{value} is not an existing file")
+    if cfg.init.checkpoint:
+        from trainers.checkpoint import resolve_checkpoint
+        try:
+            resolve_checkpoint(Path(cfg.init.checkpoint).expanduser())
+        except FileNotFoundError as err:
+            raise TeacherFilesMissing("init.checkpoint", str(err)) from None
 
 
 def to_dict(cfg: Config) -> dict:

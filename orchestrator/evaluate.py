@@ -224,8 +224,8 @@ def evaluate_teacher(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device("auto")
-    world = load_world(args.world, device=device)
     track = args.teacher.split("_")[1]
+    world = load_world(args.world, device=device, needs=(track,))
     teacher, reference = world.teacher(track), world.reference(track)
     conds = eval_conditions(teacher, args.num, len(class_names()), reference.captions)
     rows = []

@@ -72,15 +72,12 @@ def add_test_time_options(p: argparse.ArgumentParser, lists: bool = True) -> Non
 
 
 def find_checkpoint(path: str) -> Path:
-    from trainers.checkpoint import META, latest_checkpoint
+    from trainers.checkpoint import resolve_checkpoint
 
-    p = Path(path)
-    if (p / META).is_file():
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise UserError(f"{path}: no checkpoint found (expected {META} or checkpoints/step_*/)")
-    return latest
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
 
 
 def conditions(args, teacher, ctx, names: list) -> tuple[list, object]:

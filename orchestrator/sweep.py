@@ -60,14 +60,19 @@ def prepare_worlds(spec: SweepSpec, progress: bool) -> None:
     """Build or load each embedded world the trials use, and pin its cache folder in the configs."""
     from softdimo.world.store import default_cache_dir, load_world
 
-    seen = {}
+    needs: dict[tuple[str, str], set[str]] = {}
     for trial in spec.trials:
-        world = trial.config["world"]
+        world, kind = trial.config["world"], trial.config["teacher"]["kind"]
         cache = str(Path(world["cache_dir"] or default_cache_dir()).resolve())
-        if (world["spec"], cache) not in seen:
-            seen[(world["spec"], cache)] = load_world(world["spec"], cache, build_if_missing=True,
-                                                      progress=progress)
         world["cache_dir"] = cache
+        if kind in ("world_c2i", "world_t2i"):
+            # each trial's track, and the world scorers its rewards name (built here, not in a trial)
+            terms = {t["name"] for t in trial.config["reward"]["terms"]
+                     if trial.config["reward"]["weight"] > 0}
+            needs.setdefault((world["spec"], cache), set()).update(
+                {kind[len("world_"):]} | terms & {"clip", "quality"})
+    for (name, cache), components in needs.items():
+        load_world(name, cache, build_if_missing=True, progress=progress, needs=sorted(components))
 
 
 def _check_folder(spec: SweepSpec, args) -> None:
@@ -94,11 +99,32 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         m = r["metrics"]
         body.append([r["key"], r["status"], str(int(m.get("step", 0)))]
-                    + [f"{m[k]:.4g}" if k in m else "-" for k in metrics] + [r["label"]])
+                    + [_cell(m, k) for k in metrics] + [r["label"]])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+    return "\n".join(lines + _noise_verdict(rows))
+
+
+def _cell(m: dict, key: str) -> str:
+    if key not in m:
+        return "-"
+    se = m.get(f"{key}_se")
+    return f"{m[key]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
+
+
+def _noise_verdict(rows: list[dict]) -> list[str]:
+    """One line saying whether the trials' world-FIDs differ by more than the evaluation's noise."""
+    pairs = [(r["key"], r["metrics"]["eval/world_fid"], r["metrics"]["eval/world_fid_se"])
+             for r in rows if "eval/world_fid_se" in r["metrics"]]
+    if len(pairs) < 2:
+        return []
+    best, worst = min(pairs, key=lambda p: p[1]), max(pairs, key=lambda p: p[1])
+    gap, noise = worst[1] - best[1], 2 * (best[2] ** 2 + worst[2] ** 2) ** 0.5
+    verdict = ("larger than" if gap > noise else "NOT larger than")
+    return ["", f"world-FID spread {gap:.3g} ({best[0]} best, {worst[0]} worst) is {verdict} twice "
+            f"its evaluation noise ({noise:.2g}; ± is a bootstrap SE over the evaluated images). "
+            "Training-seed noise is not in it: add `seed: {grid: [0, 1, 2]}` to the search to see it."]
 
 
 def _start_tracking(spec: SweepSpec):
@@ -153,27 +179,43 @@ def _reporter(spec: SweepSpec):
 DRIVER_CPU = 0.01     # a trial's Tune driver only launches its TorchTrainer
 
 
-def max_concurrent(spec: SweepSpec, total: dict) -> int:
-    """How many trials fit beside the evaluator pool: Tune cannot see the Train workers' needs,
-    and a trial started without room waits forever for its worker group (on CPU and GPU alike)."""
+def plan_resources(spec: SweepSpec, total: dict) -> tuple[int, float, int]:
+    """(concurrent trials, logical CPUs per worker, torch threads per worker) for the cluster.
+
+    Tune cannot see the Train workers' needs, and a trial started without room waits forever for
+    its worker group (on CPU and GPU alike), so concurrency is computed here. With
+    ``scaling.cpus_per_worker`` unset, the cores are shared out: as many one-thread trials side by
+    side as there are cores (two on a 2-core laptop), more threads per trial when the trials are
+    fewer than the cores. The evaluator pool's logical share is taken from the trials' share, not
+    from their threads: it works in short bursts between trials' checkpoints.
+    """
     sc, ev = spec.file.scaling, spec.file.evaluation
     pool = ev.actors if ev.metrics and ev.num_images else 0
-    need = {"CPU": sc.num_workers * sc.cpus_per_worker + DRIVER_CPU}
-    left = {"CPU": total.get("CPU", 0.0) - pool * ev.cpus_per_actor}
+    cpus = total.get("CPU", 0.0)
+    left = {"CPU": cpus - pool * ev.cpus_per_actor, "GPU": total.get("GPU", 0.0) - pool * ev.gpus_per_actor}
+    wanted = spec.file.max_concurrent_trials
+    if sc.cpus_per_worker is None:
+        k = max(1, min(len(spec.trials), wanted or len(spec.trials), int(cpus // sc.num_workers)))
+        if sc.use_gpu:
+            k = max(1, min(k, int(left["GPU"] // (sc.num_workers * sc.gpus_per_worker))))
+        per_worker = round((left["CPU"] - k * DRIVER_CPU) / (k * sc.num_workers) - 0.005, 2)
+        threads = max(1, int(cpus // (k * sc.num_workers)))
+    else:
+        per_worker = sc.cpus_per_worker
+        threads = max(1, int(per_worker))
+    need = {"CPU": sc.num_workers * per_worker + DRIVER_CPU}
     if sc.use_gpu:
         need["GPU"] = sc.num_workers * sc.gpus_per_worker
-    left["GPU"] = total.get("GPU", 0.0) - pool * ev.gpus_per_actor
-    fits = min(int(left[r] // need[r]) for r in need)
+    fits = min(int(left[r] // need[r]) for r in need) if per_worker > 0 else 0
     if fits < 1:
         raise UserError(
             f"{spec.source}: scaling: one trial needs {need} and the evaluator pool "
             f"{pool} x (CPU {ev.cpus_per_actor}, GPU {ev.gpus_per_actor}), but the cluster has "
             f"{ {r: total.get(r, 0.0) for r in ('CPU', 'GPU')} }; lower scaling.* or evaluation.*_per_actor")
-    wanted = spec.file.max_concurrent_trials
     if wanted and wanted > fits:
         print(f"max_concurrent_trials {wanted} lowered to {fits}: no more trials fit beside the "
               "evaluator pool", file=sys.stderr)
-    return min(wanted, fits) if wanted else fits
+    return (min(wanted, fits) if wanted else fits), per_worker, threads
 
 
 def run_sweep(spec: SweepSpec, args) -> int:
@@ -212,6 +254,11 @@ def run_sweep(spec: SweepSpec, args) -> int:
         else:
             ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                      include_dashboard=True)   # Train's placement-group cleaner needs the State API
+        concurrent, per_worker, threads = plan_resources(spec, ray.cluster_resources())
+        sweep_ctx["scaling"].update(cpus_per_worker=per_worker, threads_per_worker=threads)
+        if progress:
+            print(f"{spec.file.name}: up to {concurrent} trial(s) at once, each worker "
+                  f"{per_worker:g} CPU and {threads} thread(s)", flush=True)
         pool = start_pool(sweep_ctx)
         trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
                                         {"CPU": DRIVER_CPU})
@@ -230,7 +277,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
                 param_space={"trial": tune.grid_search([_trial_json(t) for t in spec.trials])},
                 tune_config=tune.TuneConfig(
                     scheduler=_scheduler(spec),
-                    max_concurrent_trials=max_concurrent(spec, ray.cluster_resources()),
+                    max_concurrent_trials=concurrent,
                     trial_name_creator=lambda t: t.config["trial"]["key"],
                     trial_dirname_creator=lambda t: t.config["trial"]["key"]),
                 run_config=run_config)

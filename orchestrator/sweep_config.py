@@ -87,7 +87,8 @@ def format_dry_run(spec: SweepSpec) -> str:
     workers = f.scaling.num_workers
     batch = " or ".join(str(b * workers) for b in batches)
     device = "gpu" if f.scaling.use_gpu else "cpu"
-    per_worker = f"{f.scaling.cpus_per_worker:g} CPU" + (
+    per_worker = ("CPU from the cluster's cores" if f.scaling.cpus_per_worker is None
+                  else f"{f.scaling.cpus_per_worker:g} CPU") + (
         f" + {f.scaling.gpus_per_worker:g} GPU" if f.scaling.use_gpu else "")
     sched = f.scheduler
     scheduler = sched.type if sched.type == "fifo" else (
@@ -188,7 +189,7 @@ def _check_file(f: SweepFile, source: str) -> None:
         ("max_concurrent_trials", f.max_concurrent_trials is None or f.max_concurrent_trials >= 1,
          f"must be >= 1 or null, got {f.max_concurrent_trials}"),
         ("scaling.num_workers", f.scaling.num_workers >= 1, f"must be >= 1, got {f.scaling.num_workers}"),
-        ("scaling.cpus_per_worker", f.scaling.cpus_per_worker > 0,
+        ("scaling.cpus_per_worker", f.scaling.cpus_per_worker is None or f.scaling.cpus_per_worker > 0,
          f"must be > 0, got {f.scaling.cpus_per_worker}"),
         ("scaling.gpus_per_worker", not f.scaling.use_gpu or f.scaling.gpus_per_worker > 0,
          f"must be > 0 with use_gpu, got {f.scaling.gpus_per_worker}"),

@@ -59,10 +59,10 @@ def snapshot(checkpoint: Path, dest: Path) -> Path:
     return dest
 
 
-def _setup_device(use_gpu: bool, cpus_per_worker: float):
+def _setup_device(use_gpu: bool, threads: int):
     import torch
 
-    torch.set_num_threads(max(1, int(cpus_per_worker)))
+    torch.set_num_threads(threads)
     if use_gpu:
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
@@ -84,7 +84,7 @@ def train_worker(loop_config: dict) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     sweep, key = loop_config["sweep"], loop_config["key"]
     tdir = trial_dir(sweep, key)
-    _setup_device(sweep["scaling"]["use_gpu"], sweep["scaling"]["cpus_per_worker"])
+    _setup_device(sweep["scaling"]["use_gpu"], sweep["scaling"]["threads_per_worker"])
     cfg = from_dict(loop_config["config"], f"trial {key}")
     resolved = loop_config["config"]
     from orchestrator.train import reward_factory
@@ -189,7 +189,7 @@ def _trainer(trial: dict, sweep: dict, run_id: str) -> TorchTrainer:
                 num_to_keep=trial["config"]["train"]["keep_checkpoints"]),
             failure_config=ray.train.FailureConfig(max_failures=sweep["max_failures"]),
             callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(scaling["cpus_per_worker"])))}},
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(scaling["threads_per_worker"])}},
         ),
     )
 

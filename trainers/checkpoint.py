@@ -182,3 +182,34 @@ def load_generator(teacher, path: str | Path, device: torch.device | str = "cpu"
     net = teacher.make_student().to(device)
     net.load_state_dict(load_weights(path, name, device), strict=True)
     return net.eval().requires_grad_(False)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or a run folder's newest checkpoint."""
+    p = Path(path)
+    if (p / META).is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: no checkpoint found (expected {META} or checkpoints/{PREFIX}*/)")
+    return latest
+
+
+def init_from(st: TrainState, path: str | Path, teacher_kind: str, world_spec: str) -> dict:
+    """Load θ, its EMA and ψ from another run's checkpoint (InitSection); returns what was loaded.
+
+    The checkpoint must come from the same teacher (and embedded world): shapes alone would let a
+    student of another world's teacher load and silently train on the wrong tokens.
+    """
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    source = meta.get("config", {})
+    theirs = (source.get("teacher", {}).get("kind"), source.get("world", {}).get("spec"))
+    if theirs[0] != teacher_kind or (teacher_kind.startswith("world_") and theirs[1] != world_spec):
+        raise ValueError(f"init.checkpoint: {path} was trained on teacher {theirs[0]!r} "
+                         f"(world {theirs[1]!r}), this run uses {teacher_kind!r} (world {world_spec!r})")
+    device = next(st.generator.parameters()).device
+    for name in ("generator", "ema", "auxiliary"):
+        st.modules()[name].load_state_dict(load_weights(path, name, device), strict=True)
+    return {"checkpoint": str(path.resolve()), "step": int(meta["step"]),
+            "config_hash": meta.get("config_hash", "")}

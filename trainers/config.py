@@ -42,8 +42,19 @@ class TeacherSection:
 @dataclass
 class DataSection:
     """The data sets of Algorithm 1 for real teachers (the embedded world brings its own)."""
-    tokens: Optional[str] = None        # D_d: safetensors, "tokens" [N, L] ids (+ "labels" [N]); the GAN's real side
+    tokens: Optional[str] = None        # D_d: safetensors, "tokens" [N, L] ids (+ "labels" [N]), or the
+    #                                     manifest.json of orchestrator.tokenize's shards (memory-mapped;
+    #                                     also for the world kinds); the GAN's real side
     captions: Optional[str] = None      # D_c: prompts, one per line (text teachers; row i goes with tokens[i])
+
+
+@dataclass
+class InitSection:
+    """The paper's two-stage recipe (Sec. 3, App. H): Soft-Di[M]O fine-tunes a converged Di[M]O
+    student. θ, its EMA and ψ start from another run's checkpoint; η, the optimizers, the schedule
+    and the step count start fresh, and so does the EMA's decay warm-up (ema.py), from the loaded
+    EMA. (``init.checkpoint`` and not ``init.from``: ``from`` is a Python keyword.)"""
+    checkpoint: Optional[str] = None    # a run folder (its newest checkpoint) or a step_* folder
 
 
 @dataclass
@@ -122,6 +133,7 @@ class Config:
     world: WorldSection = field(default_factory=WorldSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     data: DataSection = field(default_factory=DataSection)
+    init: InitSection = field(default_factory=InitSection)
     train: TrainSection = field(default_factory=TrainSection)
     embedding: EmbeddingSection = field(default_factory=EmbeddingSection)
     dimo: DimoSection = field(default_factory=DimoSection)
@@ -167,7 +179,7 @@ def _check_teacher_and_data(cfg: Config) -> None:
     """What the world needs nothing of, and what a real teacher cannot run without."""
     kind, data = cfg.teacher.kind, cfg.data
     if kind in WORLD_KINDS:
-        for key in ("teacher.paths", "teacher.options", "data.tokens", "data.captions"):
+        for key in ("teacher.paths", "teacher.options", "data.captions"):   # tokens: a manifest may replace the world's
             section, name = key.split(".")
             if getattr(getattr(cfg, section), name):
                 raise ConfigValueError(key, f"is for real teachers; {kind} brings its own")
@@ -176,8 +188,9 @@ def _check_teacher_and_data(cfg: Config) -> None:
     if cfg.gan.weight > 0 and not data.tokens:
         raise ConfigValueError("data.tokens", f"the GAN (gan.weight {cfg.gan.weight:g}) needs real "
                                "tokens: a safetensors file with 'tokens' [N, L]")
-    if family.conditioning == "text" and not data.captions:
-        raise ConfigValueError("data.captions", "a text-to-image teacher needs prompts (one per line)")
+    if family.conditioning == "text" and not data.captions and not str(data.tokens or "").endswith(".json"):
+        raise ConfigValueError("data.captions", "a text-to-image teacher needs prompts (one per line, "
+                               "or the captions of a token manifest in data.tokens)")
     for i, term in enumerate(cfg.reward.terms):
         if term.name == "quality":
             raise ConfigValueError(f"reward.terms.{i}.name", "'quality' is the embedded world's "

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from trainers import checkpoint as ckpt
 from trainers import distributed as dist
-from trainers.config import Config, config_hash
+from trainers.config import Config, ConfigValueError, config_hash
 from trainers.diagnostics import decode_mse, mean_entropy, mean_top1
 from trainers.sampling import grid_conditions, one_step_logits, sample_from_logits
 from trainers.state import TrainContext, TrainState, build_context, build_state
@@ -137,8 +137,16 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
     st = build_state(cfg, ctx)
     rhash = resume_hash(resolved)
     latest = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(output_dir) if resume else None)
+    init = None
     if latest is not None:
         _restore(st, latest, rhash)
+        init = ckpt.read_meta(latest).get("init_from")
+    elif cfg.init.checkpoint:      # a resumed run continues from its own checkpoint instead
+        try:
+            init = ckpt.init_from(st, Path(cfg.init.checkpoint).expanduser(), cfg.teacher.kind,
+                                  cfg.world.spec)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigValueError("init.checkpoint", str(err).removeprefix("init.checkpoint: ")) from None
     for module in st.modules().values():
         dist.broadcast_module(module)
     if main:
@@ -146,7 +154,7 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
         (output_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
     meta = {"config": resolved, "config_hash": config_hash(resolved), "resume_hash": rhash,
             "world_root": ctx.world_root, "teacher": cfg.teacher.kind,
-            "world_size": dist.world_size()}
+            "world_size": dist.world_size(), **({"init_from": init} if init else {})}
     t = cfg.train
     last_ckpt, grid, metrics, diagnostics = latest, None, {}, {}
     wrote_any = latest is not None     # the same on every rank (only rank 0 gets paths back)

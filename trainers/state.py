@@ -25,7 +25,8 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 class DataSource:
     """Real tokens with their conditions (the data set D_d, and D_c through its conditions)."""
 
-    tokens: torch.Tensor | None     # [N, L] long; None: conditions only (no GAN)
+    tokens: Any                     # [N, L] long tensor, or trainers.shards.TokenShards (memory-mapped,
+    #                                 indexed the same way); None: conditions only (no GAN)
     labels: torch.Tensor            # [N] long (class ids; -1 for text-to-image)
     captions: list                  # N strings (class names for class-to-image)
 
@@ -104,13 +105,16 @@ def build_context(cfg: Config, progress: bool = True,
                       for term in (cfg.reward.terms if rewards else [])}
         return TrainContext(teacher=teacher, data=real_data(cfg, teacher, device),
                             rewards=reward_fns, device=device)
-    world = load_world(cfg.world.spec, cfg.world.cache_dir, build_if_missing=True, device=device,
-                       progress=progress)
     track = "c2i" if cfg.teacher.kind == "world_c2i" else "t2i"
+    world = load_world(cfg.world.spec, cfg.world.cache_dir, build_if_missing=True, device=device,
+                       progress=progress, needs=(track,))
     teacher = world.teacher(track)
-    wd = world.data(track)
-    data = DataSource(tokens=wd.tokens.to(device), labels=wd.labels.to(device),
-                      captions=list(wd.captions))
+    if cfg.data.tokens:                          # the world's images tokenized by orchestrator.tokenize
+        data = shard_data(cfg.data.tokens, teacher, cfg.teacher.kind, None, device)
+    else:
+        wd = world.data(track)
+        data = DataSource(tokens=wd.tokens.to(device), labels=wd.labels.to(device),
+                          captions=list(wd.captions))
     reward_fns = {term.name: make_reward(term.name, world, device, reward_factory)
                   for term in (cfg.reward.terms if rewards else [])}  # sampling needs none
     return TrainContext(teacher=teacher, data=data, rewards=reward_fns, device=device, world=world)
@@ -125,6 +129,8 @@ def real_data(cfg: Config, teacher: Teacher, device: torch.device) -> DataSource
         captions = [s.strip() for s in Path(cfg.data.captions).read_text().splitlines() if s.strip()]
         if not captions:
             raise ConfigValueError("data.captions", f"{cfg.data.captions}: no prompts in the file")
+    if cfg.data.tokens and cfg.data.tokens.endswith(".json"):
+        return shard_data(cfg.data.tokens, teacher, cfg.teacher.kind, captions, device)
     if cfg.data.tokens:
         from softdimo.checkpoints import read_tensors
 
@@ -148,6 +154,49 @@ def real_data(cfg: Config, teacher: Teacher, device: torch.device) -> DataSource
         labels = torch.full((len(captions),), -1, dtype=torch.long)
     return DataSource(tokens=None if tokens is None else tokens.to(device), labels=labels.to(device),
                       captions=captions)
+
+
+def shard_data(manifest: str, teacher: Teacher, kind: str, prompts: list | None,
+               device: torch.device) -> DataSource:
+    """D_d from ``orchestrator.tokenize`` shards, memory-mapped (rows are read when sampled).
+
+    Labels come from the shards (class teachers); captions (text teachers) from the manifest's
+    captions.txt, or from ``data.captions`` when given (then one prompt per token row, in row order).
+    """
+    from trainers.shards import ShardError, TokenShards
+
+    def family(k: str) -> str:
+        return "world" if k.startswith("world_") else k
+
+    try:
+        shards = TokenShards.open(manifest)
+    except ShardError as err:
+        raise ConfigValueError("data.tokens", str(err)) from None
+    m = shards.manifest
+    lo, hi = shards.id_range()
+    if family(m["teacher"]) != family(kind):
+        raise ConfigValueError("data.tokens", f"{manifest}: tokens of a {m['teacher']} tokenizer, "
+                               f"not of {kind}")
+    if len(shards) == 0 or m["seq_len"] != teacher.seq_len or lo < 0 or hi >= teacher.V:
+        raise ConfigValueError("data.tokens", f"{manifest}: tokens must be [N, {teacher.seq_len}] ids in "
+                               f"[0, {teacher.V}), got [{len(shards)}, {m['seq_len']}] in [{lo}, {hi}]")
+    if teacher.conditioning == "class":
+        labels = shards.labels
+        if int(labels.min()) < 0 or int(labels.max()) >= teacher.num_classes:
+            raise ConfigValueError("data.tokens", f"{manifest}: a class teacher needs labels in "
+                                   f"[0, {teacher.num_classes}); the shards hold [{int(labels.min())}, "
+                                   f"{int(labels.max())}] (tokenize a class-folder layout)")
+        captions = [f"class {int(i)}" for i in labels]
+        return DataSource(tokens=shards, labels=labels.to(device), captions=captions)
+    captions = prompts or shards.captions
+    if not captions:
+        raise ConfigValueError("data.captions", f"{manifest} has no captions: give data.captions")
+    if prompts is None and any(not c for c in captions):
+        raise ConfigValueError("data.tokens", f"{manifest}: some images have no caption")
+    if prompts is not None and len(prompts) != len(shards):
+        raise ConfigValueError("data.captions", f"{len(prompts)} prompts for {len(shards)} token rows")
+    return DataSource(tokens=shards, labels=torch.full((len(captions),), -1, dtype=torch.long).to(device),
+                      captions=list(captions))
 
 
 def make_reward(name: str, world: Any, device: torch.device,

@@ -3,7 +3,8 @@
 A world is built once per spec into ``<cache>/world-<name>-<hash>/`` (see build.py) and loaded from
 there: every network from safetensors, frozen and in eval mode. Layout of a world folder:
 
-    manifest.json                      spec, hash, per-stage seconds and stats
+    manifest.json                      spec, hash, components built, per-stage seconds and stats
+    components/<name>.json             one marker per built component (written last: its commit)
     tokenizer.{json,safetensors}       VQTokenizer
     clip/                              open_clip local-dir folder (tiny CLIP)
     c2i_teacher.*, t2i_teacher.*       MaskTransformer backbones
@@ -20,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,17 @@ import torch
 BUILDER_VERSION = "1"
 TRACKS = ("c2i", "t2i")
 SPLITS = ("train", "reference")
+# Each component with the ones it is trained from; a command builds only what it needs.
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "base": (),                         # data, VQ tokenizer, tokens of every image
+    "clip": ("base",),
+    "c2i_teacher": ("base",),
+    "t2i_teacher": ("base", "clip"),    # conditioned on the CLIP's text features
+    "quality": ("base",),
+    "features": ("base",),              # world-FID's feature net
+}
+# What training and evaluating on a track needs; the rewards' scorers come on first use.
+TRACK_NEEDS = {"c2i": ("c2i_teacher", "features"), "t2i": ("t2i_teacher", "features")}
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,31 @@ def resolve_spec(spec: WorldSpec | str) -> WorldSpec:
     return WORLD_SPECS[spec]
 
 
+def with_dependencies(names) -> set[str]:
+    """``names`` (components or tracks) and everything they are built from."""
+    out: set[str] = set()
+    todo = [c for n in names for c in (TRACK_NEEDS.get(n, (n,)))]
+    while todo:
+        name = todo.pop()
+        if name not in COMPONENTS:
+            raise KeyError(f"unknown world component {name!r}; known: {sorted(COMPONENTS)}")
+        if name not in out:
+            out.add(name)
+            todo.extend(COMPONENTS[name])
+    return out
+
+
+def component_marker(root: Path, name: str) -> Path:
+    return root / "components" / f"{name}.json"
+
+
+def built_components(root: Path) -> set[str]:
+    """The committed components of the world folder ``root``."""
+    if not (root / "components").is_dir() and (root / "manifest.json").is_file():
+        return set(COMPONENTS)      # a world built whole, before components had markers
+    return {c for c in COMPONENTS if component_marker(root, c).is_file()}
+
+
 @contextlib.contextmanager
 def seeded_init(generator: torch.Generator):
     """Run module construction with the global RNG seeded from ``generator``, then restore it.
@@ -163,22 +200,91 @@ def load_data(stem: Path) -> WorldData:
     return WorldData(t["tokens"], t["images"], t["labels"], meta["captions"], scenes)
 
 
-@dataclass
 class World:
-    """A loaded world: frozen networks on ``device`` plus lazy access to its data."""
-    root: Path
-    spec: WorldSpec
-    manifest: dict
-    tokenizer: Any                      # VQTokenizer
-    backbones: dict[str, Any]           # track -> MaskTransformer
-    clip: Any                           # open_clip CLIP
-    clip_text: Any                      # ClipText
-    clip_score: Any                     # ClipScore
-    quality: Any                        # QualityScorer
-    features: Any                       # FeatureNet
-    device: str = "cpu"
-    _teachers: dict = field(default_factory=dict, repr=False)
-    _data: dict = field(default_factory=dict, repr=False)
+    """A loaded world: frozen networks on ``device``, each loaded on first use, plus its data.
+
+    A component the cache lacks is built on first use when ``build_if_missing`` (announced on
+    stdout, under the world's lock), else a FileNotFoundError names the command that builds it.
+    """
+
+    def __init__(self, root: Path, spec: WorldSpec, device: str | torch.device = "cpu",
+                 build_if_missing: bool = True, progress: bool = True):
+        self.root, self.spec, self.device = root, spec, str(device)
+        self.build_if_missing, self.progress = build_if_missing, progress
+        self._nets: dict[str, Any] = {}
+        self._teachers: dict[str, Any] = {}
+        self._data: dict[tuple[str, str], WorldData] = {}
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.root / "manifest.json").read_text())
+
+    def ensure(self, *names: str) -> None:
+        """Make sure the components (or tracks) ``names`` are built."""
+        missing = with_dependencies(names) - built_components(self.root)
+        if not missing:
+            return
+        if not self.build_if_missing:
+            raise FileNotFoundError(
+                f"world {self.spec.name!r} is not built at {self.root} (missing components: "
+                f"{', '.join(sorted(missing))}); build it with "
+                f"`python -m orchestrator.prepare --spec {self.spec.name}`")
+        from softdimo.world.build import build_components
+        build_components(self.spec, self.root.parent, names, progress=self.progress)
+
+    def _net(self, name: str, component: str, load) -> Any:
+        if name not in self._nets:
+            self.ensure(component)
+            self._nets[name] = load()
+        return self._nets[name]
+
+    @property
+    def tokenizer(self):
+        """VQTokenizer."""
+        from softdimo.world.tokenizer import load_tokenizer
+        return self._net("tokenizer", "base",
+                         lambda: load_tokenizer(self.root / "tokenizer", device=self.device))
+
+    def backbone(self, track: str):
+        """The track's MaskTransformer."""
+        from softdimo.world.mdm import load_mdm
+        _check_track(track)
+        return self._net(f"{track}_teacher", f"{track}_teacher",
+                         lambda: load_mdm(self.root / f"{track}_teacher", device=self.device))
+
+    @property
+    def backbones(self) -> dict[str, Any]:
+        return {t: self.backbone(t) for t in TRACKS}
+
+    @property
+    def clip(self):
+        """open_clip CLIP."""
+        from softdimo.world.clip import load_clip
+        return self._net("clip", "clip", lambda: load_clip(self.root / "clip", device=self.device))
+
+    @property
+    def clip_text(self):
+        from softdimo.world.clip import ClipText
+        return self._net("clip_text", "clip", lambda: ClipText(self.clip))
+
+    @property
+    def clip_score(self):
+        from softdimo.world.clip import ClipScore
+        return self._net("clip_score", "clip", lambda: ClipScore(self.clip))
+
+    @property
+    def quality(self):
+        """QualityScorer."""
+        from softdimo.world.quality import QualityScorer
+        return self._net("quality", "quality",
+                         lambda: load_net(QualityScorer, self.root / "quality", self.device))
+
+    @property
+    def features(self):
+        """FeatureNet (world-FID)."""
+        from softdimo.world.features import FeatureNet
+        return self._net("features", "features",
+                         lambda: load_net(FeatureNet, self.root / "features", self.device))
 
     def teacher(self, track: str):
         """The WorldTeacher adapter for "c2i" (class ids) or "t2i" (ClipText features)."""
@@ -186,7 +292,7 @@ class World:
         if track not in self._teachers:
             from softdimo.teachers.world import WorldTeacher
             text = self.clip_text if track == "t2i" else None
-            self._teachers[track] = WorldTeacher(self.backbones[track], self.tokenizer, text)
+            self._teachers[track] = WorldTeacher(self.backbone(track), self.tokenizer, text)
         return self._teachers[track]
 
     def data(self, track: str, split: str = "train") -> WorldData:
@@ -195,6 +301,7 @@ class World:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         if (track, split) not in self._data:
+            self.ensure("base")
             self._data[track, split] = load_data(self.root / "data" / f"{track}_{split}")
         return self._data[track, split]
 
@@ -209,30 +316,10 @@ def _check_track(track: str) -> None:
 
 def load_world(spec_name: WorldSpec | str = "full", cache_dir: str | Path | None = None,
                build_if_missing: bool = True, device: str | torch.device = "cpu",
-               progress: bool = True) -> World:
-    """Load the world for ``spec_name`` from the cache, building it first if allowed."""
-    from softdimo.world.clip import ClipScore, ClipText, load_clip
-    from softdimo.world.features import FeatureNet
-    from softdimo.world.mdm import load_mdm
-    from softdimo.world.quality import QualityScorer
-    from softdimo.world.tokenizer import load_tokenizer
-
+               progress: bool = True, needs=tuple(COMPONENTS)) -> World:
+    """The world for ``spec_name`` from the cache; ``needs`` (components or tracks) are built
+    first if missing and allowed, the rest on first use."""
     spec = resolve_spec(spec_name)
-    root = world_dir(spec, cache_dir)
-    if not (root / "manifest.json").is_file():
-        if not build_if_missing:
-            raise FileNotFoundError(
-                f"world {spec.name!r} is not built at {root}; build it with "
-                f"`python -m orchestrator.prepare` or load_world(..., build_if_missing=True)")
-        from softdimo.world.build import build_world
-        build_world(spec, root.parent, progress=progress)
-    manifest = json.loads((root / "manifest.json").read_text())
-    clip = load_clip(root / "clip", device=device)
-    return World(
-        root=root, spec=spec, manifest=manifest, device=str(device),
-        tokenizer=load_tokenizer(root / "tokenizer", device=device),
-        backbones={t: load_mdm(root / f"{t}_teacher", device=device) for t in TRACKS},
-        clip=clip, clip_text=ClipText(clip), clip_score=ClipScore(clip),
-        quality=load_net(QualityScorer, root / "quality", device),
-        features=load_net(FeatureNet, root / "features", device),
-    )
+    world = World(world_dir(spec, cache_dir), spec, device, build_if_missing, progress)
+    world.ensure(*needs)
+    return world

@@ -2,11 +2,13 @@
 import json
 import time
 
+import pytest
 import torch
 
 from softdimo.world.build import STAGES, build_world
 from softdimo.world.scenes import class_names
-from softdimo.world.store import WORLD_SPECS, world_hash
+from softdimo.world.store import (COMPONENTS, WORLD_SPECS, built_components, load_world,
+                                  world_hash)
 
 
 def _files(root):
@@ -19,6 +21,7 @@ def test_manifest_records_spec_hash_and_every_stage(test_world):
     assert manifest["hash"] == world_hash(spec) and manifest["spec"]["name"] == "test"
     assert test_world.root.name == f"world-test-{world_hash(spec)}"
     assert list(manifest["stages"]) == list(STAGES)
+    assert manifest["components"] == sorted(COMPONENTS) == sorted(built_components(test_world.root))
     assert all(s["seconds"] >= 0 for s in manifest["stages"].values())
     assert 0 < manifest["stages"]["tokenizer"]["val_mse"] < 0.2
     assert not any(p.name.endswith(".tmp") for p in test_world.root.parent.iterdir())
@@ -81,7 +84,7 @@ def test_build_is_bitwise_reproducible_and_force_rebuilds(test_world, tmp_path):
     weights = [f for f in files if f.suffix == ".safetensors"]
     assert len(weights) >= 10
     for f in files:
-        if f.name != "manifest.json":             # the manifest records timings
+        if f.name != "manifest.json" and f.parent.name != "components":     # these record timings
             assert (root / f).read_bytes() == (test_world.root / f).read_bytes(), f
     stamp = (root / "manifest.json").stat().st_mtime_ns
     assert build_world("test", tmp_path, force=True, progress=False) == root
@@ -89,3 +92,46 @@ def test_build_is_bitwise_reproducible_and_force_rebuilds(test_world, tmp_path):
     for f in weights:
         assert (root / f).read_bytes() == (test_world.root / f).read_bytes(), f
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [root.name]
+
+
+def test_a_class_to_image_run_builds_only_its_components_each_as_a_full_build_would(test_world,
+                                                                                   tmp_path):
+    world = load_world("test", tmp_path, progress=False, needs=("c2i",))
+    assert built_components(world.root) == {"base", "c2i_teacher", "features"}
+    assert not (world.root / "clip").exists() and not list(world.root.glob("t2i_teacher*"))
+    assert not list(world.root.glob(".*.tmp"))
+    for name in ("tokenizer.safetensors", "c2i_teacher.safetensors", "features.safetensors",
+                 "data/t2i_train.safetensors"):
+        assert (world.root / name).read_bytes() == (test_world.root / name).read_bytes(), name
+    assert world.teacher("c2i").V == test_world.teacher("c2i").V
+    # a later text-to-image use builds the rest on first touch, identical to the whole build
+    assert world.clip_score is not None and "clip" in built_components(world.root)
+    assert (world.root / "clip").is_dir() and "t2i_teacher" not in built_components(world.root)
+    manifest = json.loads((world.root / "manifest.json").read_text())
+    assert manifest["components"] == ["base", "c2i_teacher", "clip", "features"]
+
+
+def test_a_missing_component_is_a_clear_error_without_build(tmp_path):
+    load_world("test", tmp_path, progress=False, needs=("base",))
+    world = load_world("test", tmp_path, build_if_missing=False, needs=())
+    with pytest.raises(FileNotFoundError, match="orchestrator.prepare --spec test"):
+        world.teacher("c2i")
+
+
+def test_a_crash_inside_a_component_leaves_it_unbuilt_and_the_next_build_finishes(tmp_path,
+                                                                                 monkeypatch):
+    import softdimo.world.build as build
+
+    def crash(spec, tmp, root, stage, progress):
+        (tmp / "quality.safetensors").write_bytes(b"half-written")
+        raise KeyboardInterrupt
+    real = build.BUILDERS["quality"]
+    monkeypatch.setitem(build.BUILDERS, "quality", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_components("test", tmp_path, ["quality"], progress=False)
+    root = next(tmp_path.glob("world-test-*"))
+    assert built_components(root) == {"base"}
+    assert not (root / "quality.safetensors").exists() and not list(root.glob(".*.tmp"))
+    monkeypatch.setitem(build.BUILDERS, "quality", real)
+    build.build_components("test", tmp_path, ["quality"], progress=False)
+    assert built_components(root) == {"base", "quality"}

@@ -59,26 +59,27 @@ def build(seed: int = 0):
     return generator.eval(), tokenizer.eval()
 
 
-def encoder_tensors(width: int = 512, layers: int = 8) -> dict:
-    """The encoder side of a "small" TiTok encoder at CROP (names and shapes as upstream), zeros."""
+def encoder_tensors(width: int = 512, layers: int = 8, seed: int = 3) -> dict:
+    """The encoder side of a "small" TiTok encoder at CROP (names and shapes as upstream), seeded
+    random (std 0.05; LayerNorms at 1 and 0) so that different images give different codes."""
     grid = CROP // PATCH
-    out = {"latent_tokens": torch.zeros(L, width),
-           "encoder.patch_embed.weight": torch.zeros(width, 3, PATCH, PATCH),
-           "encoder.patch_embed.bias": torch.zeros(width),
-           "encoder.class_embedding": torch.zeros(1, width),
-           "encoder.positional_embedding": torch.zeros(grid ** 2 + 1, width),
-           "encoder.latent_token_positional_embedding": torch.zeros(L, width),
-           "encoder.conv_out.weight": torch.zeros(TOKEN_SIZE, width, 1, 1),
-           "encoder.conv_out.bias": torch.zeros(TOKEN_SIZE)}
-    for name in ("ln_pre", "ln_post"):
-        out.update({f"encoder.{name}.weight": torch.ones(width), f"encoder.{name}.bias": torch.zeros(width)})
-    block = {"ln_1.weight": (width,), "ln_1.bias": (width,), "attn.in_proj_weight": (3 * width, width),
-             "attn.in_proj_bias": (3 * width,), "attn.out_proj.weight": (width, width),
-             "attn.out_proj.bias": (width,), "ln_2.weight": (width,), "ln_2.bias": (width,),
+    shapes = {"latent_tokens": (L, width),
+              "encoder.patch_embed.weight": (width, 3, PATCH, PATCH), "encoder.patch_embed.bias": (width,),
+              "encoder.class_embedding": (1, width), "encoder.positional_embedding": (grid ** 2 + 1, width),
+              "encoder.latent_token_positional_embedding": (L, width),
+              "encoder.conv_out.weight": (TOKEN_SIZE, width, 1, 1), "encoder.conv_out.bias": (TOKEN_SIZE,)}
+    block = {"attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
+             "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,),
              "mlp.c_fc.weight": (4 * width, width), "mlp.c_fc.bias": (4 * width,),
              "mlp.c_proj.weight": (width, 4 * width), "mlp.c_proj.bias": (width,)}
     for i in range(layers):
-        out.update({f"encoder.transformer.{i}.{k}": torch.zeros(s) for k, s in block.items()})
+        shapes.update({f"encoder.transformer.{i}.{k}": s for k, s in block.items()})
+    g = torch.Generator().manual_seed(seed)
+    out = {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+    norms = ["encoder.ln_pre", "encoder.ln_post"] + [f"encoder.transformer.{i}.{n}"
+                                                     for i in range(layers) for n in ("ln_1", "ln_2")]
+    for name in norms:
+        out.update({f"{name}.weight": torch.ones(width), f"{name}.bias": torch.zeros(width)})
     return out
 
 

@@ -55,12 +55,9 @@ MODEL_YAML = f"""model:
         codebook_weight: 1.0
 """
 
-# Keys a real VQModel checkpoint carries that decoding does not use (a sample of each kind).
+# Keys a real VQModel checkpoint carries that neither side uses (a sample of each kind); the
+# encoder side (encoder.*, quant_conv.*) is a full random VQGANEncoder sharing the decoder's codebook.
 _OTHER_VQGAN_KEYS = {
-    "encoder.conv_in.weight": (32, 3, 3, 3), "encoder.conv_in.bias": (32,),
-    "encoder.mid.attn_1.q.weight": (64, 64, 1, 1), "encoder.norm_out.weight": (64,),
-    "encoder.conv_out.weight": (8, 64, 3, 3), "encoder.conv_out.bias": (8,),
-    "quant_conv.weight": (8, 8, 1, 1), "quant_conv.bias": (8,),
     "loss.perceptual_loss.net.slice1.0.weight": (64, 3, 3, 3),
     "loss.perceptual_loss.lin0.model.1.weight": (1, 64, 1, 1),
     "loss.discriminator.main.0.weight": (64, 3, 4, 4), "loss.discriminator.main.0.bias": (64,),
@@ -85,6 +82,25 @@ def build(seed: int = 0) -> tuple[MaskTransformer, VQGANDecoder]:
     return net.eval(), vqgan.eval()
 
 
+def build_encoder(vqgan: VQGANDecoder, seed: int = 2):
+    """The matching taming encoder side with seeded random weights and ``vqgan``'s codebook."""
+    from softdimo.teachers.maskgit_encoder import VQGANEncoder
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = VQGANEncoder(N_EMBED, EMBED_DIM, dict(DDCONFIG))
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if name.startswith("quantize."):
+                p.copy_(vqgan.quantize.embedding.weight)
+            elif "norm" in name:                          # GroupNorm: keep the scale near 1
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1))
+    return enc.eval()
+
+
 def write(folder: Path) -> tuple[dict, dict]:
     """Save the tiny model in the published layout under ``folder``; returns (paths, options)."""
     net, vqgan = build()
@@ -97,6 +113,7 @@ def write(folder: Path) -> tuple[dict, dict]:
 
     g = torch.Generator().manual_seed(1)
     state = OrderedDict((k, torch.randn(s, generator=g)) for k, s in _OTHER_VQGAN_KEYS.items())
+    state.update({k: v for k, v in build_encoder(vqgan).state_dict().items() if not k.startswith("quantize.")})
     state.update(vqgan.state_dict())
     torch.save({"epoch": 12, "global_step": 250_000, "pytorch-lightning_version": "1.0.8",
                 "state_dict": state, "optimizer_states": [], "lr_schedulers": []}, vq / "last.ckpt")

@@ -144,3 +144,16 @@ def test_load_reference_stats_rejects_malformed_files(tmp_path, arrays, match):
         load_reference_stats(_write_npz(tmp_path / "bad.npz", **arrays))
     with pytest.raises(FileNotFoundError):
         load_reference_stats(tmp_path / "absent.npz")
+
+
+def test_bootstrap_se_is_the_evaluations_sampling_noise_and_shrinks_with_more_images():
+    from evaluators.fid import fid_bootstrap_se
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(4000, 8))
+    small, large = rng.normal(0.3, 1.0, size=(200, 8)), rng.normal(0.3, 1.0, size=(3200, 8))
+    se_small, se_large = fid_bootstrap_se(small, ref), fid_bootstrap_se(large, ref)
+    assert se_small == fid_bootstrap_se(small, ref)              # seeded: the same every call
+    assert se_small > 0 and se_small / se_large > 2.5            # ~ sqrt(16) = 4 fewer images
+    # independent draws of the generated set scatter by about that much
+    draws = [fid_from_features(rng.normal(0.3, 1.0, size=(200, 8)), ref) for _ in range(40)]
+    assert 0.5 < np.std(draws) / se_small < 2.0

@@ -301,19 +301,42 @@ def test_missing_sweep_file(tmp_path):
         load_sweep(tmp_path / "nope.yaml")
 
 
-def test_max_concurrent_leaves_room_for_the_evaluator_pool(tmp_path):
-    from orchestrator.sweep import max_concurrent
+def test_plan_resources_shares_the_cores_out_and_leaves_room_for_the_evaluator_pool(tmp_path):
+    from orchestrator.sweep import plan_resources
 
-    spec = load_sweep(ROOT / "sweeps" / "gan_mask.yaml", cwd=tmp_path)
-    assert max_concurrent(spec, {"CPU": 2.0}) == 1          # 2 - 0.5 (pool) fits one 1-CPU trial
-    assert max_concurrent(spec, {"CPU": 8.0}) == 7
-    spec.file.evaluation.metrics = []                        # no pool
-    assert max_concurrent(spec, {"CPU": 2.0}) == 1           # the drivers' 0.01 CPU count too
-    assert max_concurrent(spec, {"CPU": 3.0}) == 2
+    spec = load_sweep(ROOT / "sweeps" / "gan_mask.yaml", cwd=tmp_path)     # 3 trials, a pool
+    assert spec.file.scaling.cpus_per_worker is None
+    # a 2-core laptop: two one-thread trials side by side, the pool's 0.5 taken from their share
+    assert plan_resources(spec, {"CPU": 2.0}) == (2, 0.73, 1)
+    assert plan_resources(spec, {"CPU": 8.0}) == (3, 2.48, 2)      # fewer trials than cores
+    spec.file.max_concurrent_trials = 1
+    assert plan_resources(spec, {"CPU": 2.0}) == (1, 1.49, 2)      # one at a time: both cores
+    spec.file.max_concurrent_trials = None
+    spec.file.scaling.cpus_per_worker = 1.0                         # explicit: as given
+    assert plan_resources(spec, {"CPU": 2.0}) == (1, 1.0, 1)       # 2 - 0.5 (pool) fits one
+    assert plan_resources(spec, {"CPU": 8.0}) == (7, 1.0, 1)
+    spec.file.evaluation.metrics = []                               # no pool
+    assert plan_resources(spec, {"CPU": 2.0})[0] == 1               # the drivers' 0.01 CPU count too
+    assert plan_resources(spec, {"CPU": 3.0})[0] == 2
     spec.file.max_concurrent_trials = 5
-    assert max_concurrent(spec, {"CPU": 3.0}) == 2           # capped: a third would hang
+    assert plan_resources(spec, {"CPU": 3.0})[0] == 2               # capped: a third would hang
     gpu = load_sweep(ROOT / "sweeps" / "gan_mask.yaml", ["sweep.scaling.use_gpu=true",
                      "sweep.scaling.num_workers=2", "sweep.evaluation.gpus_per_actor=1"], cwd=tmp_path)
-    assert max_concurrent(gpu, {"CPU": 64.0, "GPU": 8.0}) == 3
+    assert plan_resources(gpu, {"CPU": 64.0, "GPU": 8.0})[0] == 3
     with pytest.raises(UserError, match="scaling: one trial needs"):
-        max_concurrent(gpu, {"CPU": 64.0, "GPU": 2.0})
+        plan_resources(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+def test_results_table_shows_the_evaluation_noise_and_says_whether_trials_differ():
+    from orchestrator.sweep import _table
+
+    def row(key, fid, se):
+        return {"key": key, "label": key, "status": "DONE",
+                "metrics": {"step": 500, "eval/world_fid": fid, "eval/world_fid_se": se}}
+    apart = _table([row("a", 40.0, 0.5), row("b", 48.0, 0.6)])
+    assert "40 ± 0.5" in apart and "is larger than twice" in apart and "(a best, b worst)" in apart
+    close = _table([row("a", 40.0, 2.0), row("b", 42.0, 2.5)])
+    assert "is NOT larger than twice its evaluation noise (6.4" in close
+    assert "Training-seed noise is not in it" in close
+    assert "noise" not in _table([{"key": "a", "label": "a", "status": "DONE",
+                                   "metrics": {"eval/world_fid": 40.0}}])

@@ -173,3 +173,14 @@ def test_load_world_without_build_is_a_clear_error(tmp_path):
     with pytest.raises(KeyError, match="unknown world spec"):
         load_world("huge", tmp_path, build_if_missing=False)
 
+
+def test_a_world_built_whole_before_component_markers_counts_as_complete(tmp_path):
+    from softdimo.world.store import COMPONENTS, built_components, with_dependencies
+    (tmp_path / "manifest.json").write_text("{}")
+    assert built_components(tmp_path) == set(COMPONENTS)
+    (tmp_path / "components").mkdir()
+    assert built_components(tmp_path) == set()
+    assert with_dependencies(["t2i"]) == {"base", "clip", "t2i_teacher", "features"}
+    assert with_dependencies(["c2i"]) == {"base", "c2i_teacher", "features"}
+    with pytest.raises(KeyError, match="unknown world component 'nope'"):
+        with_dependencies(["nope"])
