@@ -54,7 +54,9 @@ STAGES = ("tests", "steps", "fid", "sweep")
 # the families with an MFU target: one extra joint step each under torch.profiler, so that a missed
 # target comes with its op table from the same run (the GPU time for a second run may not exist)
 PROFILED = ("maskgit", "maskbit", "maskgen")
-NEEDS = ("omegaconf", "diffusers", "open_clip", "cleanfid", "transformers", "scipy", "pytest")
+TESTS_LIMIT_S = 240
+NEEDS = ("omegaconf", "diffusers", "open_clip", "cleanfid", "transformers", "scipy", "pytest",
+         "pytest_timeout")
 
 
 def environment(device: torch.device) -> dict:
@@ -67,14 +69,24 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
 def run_tests(out: Path, smoke: bool) -> dict:
     """The `gpu` test tier in a subprocess; counts from its JUnit XML."""
     junit = out / "tests_junit.xml"
+    # a hung test (an NCCL init in a sandbox, say) must not cost the rest of the run: per-test and
+    # whole-tier time limits (pytest-timeout is a dev dependency and in the GPU image)
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu", "-p", "no:cacheprovider",
-           f"--junitxml={junit}"]
+           "--timeout=120", f"--junitxml={junit}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TESTS_LIMIT_S)
+    except subprocess.TimeoutExpired as err:
+        proc = subprocess.CompletedProcess(cmd, -9, _text(err.stdout), _text(err.stderr)
+                                           + f"\ngpu_suite: the test tier ran past {TESTS_LIMIT_S} s and was stopped")
     seconds = time.perf_counter() - start
     (out / "tests_output.txt").write_text(proc.stdout[-20000:] + proc.stderr[-5000:])
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
