@@ -122,6 +122,8 @@ def markdown(results: dict) -> str:
                       f"{fid['cleanfid']['wall_seconds']:.1f} | {fid['cleanfid']['fid']:.6f} |", "",
                       f"Ratio {fid['ratio_wall']:.2f}x (target >= 2x), |ΔFID| = {fid['abs_delta_fid']:.3g} "
                       f"(target <= 1e-3): {_verdict(ok)}.", ""]
+            if fid.get("workers_fallback"):
+                lines += [f"Note: {fid['workers_fallback']}.", ""]
     sweep = results.get("sweep")
     if sweep:
         lines += ["## 4. Embedded-world sweep on one GPU", ""]
