@@ -75,12 +75,12 @@ class CleanFidExtractor(torch.nn.Module):
     which is within float rounding of the integers, so rounding recovers the exact uint8 pixels.
     """
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, dims: int | None = None):
         super().__init__()
-        self.net = net
+        self.net, self.dims = net, dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.round().clamp(0, 255).to(torch.uint8))["pool3"]
+        return self.net(x.round().clamp(0, 255).to(torch.uint8))["pool3"][:, :self.dims]
 
 
 def cpu_seconds() -> float:
@@ -96,6 +96,77 @@ def timed(fn: Callable[[], float]) -> tuple[float, float, float]:
     return result, time.perf_counter() - t, cpu_seconds() - c
 
 
+def measure(num: int = 2000, batch: int = 100, cleanfid_batch: int = 32, workers: int = 0,
+            rounds: int = 1, size: int = 256, device: str | torch.device = "cpu",
+            weights: str | None = None, dims: int | None = None) -> dict:
+    """Both paths on the same ``num`` + ``num`` images and the same network; medians over rounds.
+
+    Returns images/s, wall and CPU seconds of each path, both FIDs and |ΔFID|, the ratios, and the
+    settings (a plain dict for the GPU suite's report). ``dims`` keeps the first ``dims`` of the
+    2048 pool3 features on both paths (a smoke run: the two 2048² matrix square roots cost minutes
+    on a loaded CPU); None keeps them all, as FID does.
+    """
+    import cleanfid.fid as cleanfid_fid
+
+    from evaluators.fid import fid_from_features
+    from evaluators.inception import extract_features, load_inception
+
+    device = torch.device(device)
+    net = (load_inception(weights, device) if weights else random_inception().to(device))
+    generated = world_images(num, "c2i", size, seed=0)
+    reference = world_images(num, "t2i", size, seed=1)
+
+    def project() -> float:
+        return fid_from_features(extract_features(net, generated, batch, device)["pool3"][:, :dims],
+                                 extract_features(net, reference, batch, device)["pool3"][:, :dims])
+
+    def clean_fid() -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)       # clean-fid's scipy sqrtm(disp=)
+            return cleanfid_fid.compute_fid(
+                str(folders[0]), str(folders[1]), mode="legacy_tensorflow",
+                custom_feat_extractor=CleanFidExtractor(net, dims), num_workers=workers,
+                batch_size=cleanfid_batch, device=device, verbose=False, use_dataparallel=False)
+
+    def synced(fn: Callable[[], float]) -> Callable[[], float]:
+        def run() -> float:
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return out
+        return run
+
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[tuple[float, float, float]]] = {"a": [], "b": []}
+    with tempfile.TemporaryDirectory(prefix="fid_throughput_") as tmp:
+        folders = (Path(tmp) / "generated", Path(tmp) / "reference")
+        t = time.perf_counter()
+        write_pngs(generated, folders[0])
+        write_pngs(reference, folders[1])
+        t_png = time.perf_counter() - t
+        extract_features(net, generated[:2], device=device)          # warm-up (allocator, kernels)
+        for r in range(rounds):   # alternate the order so load drift hits both paths alike
+            for name in ("ab" if r % 2 == 0 else "ba"):
+                runs[name].append(timed(synced(project if name == "a" else clean_fid)))
+
+    n = 2 * num
+    (fid_a, t_a, c_a), (fid_b, t_b, c_b) = (
+        (runs[k][-1][0], *(statistics.median(run[i] for run in runs[k]) for i in (1, 2))) for k in "ab")
+    return {
+        "weights": weights or "RANDOM (Kaiming) weights: FIDs compare the paths, not image quality",
+        "num_per_set": num, "images": n, "feature_dims": dims or 2048, "size": size, "device": str(device), "rounds": rounds,
+        "torch_threads": torch.get_num_threads(), "png_seconds": t_png,
+        "project": {"batch": batch, "images_per_second": n / t_a, "wall_seconds": t_a,
+                    "images_per_cpu_second": n / c_a if c_a > 0 else None, "fid": fid_a},
+        "cleanfid": {"batch": cleanfid_batch, "workers": workers, "images_per_second": n / t_b,
+                     "wall_seconds": t_b, "images_per_cpu_second": n / c_b if c_b > 0 else None,
+                     "fid": fid_b},
+        "ratio_wall": t_b / t_a, "ratio_cpu": (c_b / c_a) if c_a > 0 else None,
+        "abs_delta_fid": abs(fid_a - fid_b), "target_ratio": 2.0, "target_abs_delta_fid": 1e-3,
+        "load_average": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num", type=int, default=2000, help="images per set (generated and reference)")
@@ -108,61 +179,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--weights", default=None, help="FID Inception .pth; default: random weights")
     args = p.parse_args()
-
-    import cleanfid.fid as cleanfid_fid
-
-    from evaluators.fid import fid_from_features
-    from evaluators.inception import extract_features, load_inception
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    net = (load_inception(args.weights, device) if args.weights else random_inception().to(device))
-    generated = world_images(args.num, "c2i", args.size, seed=0)
-    reference = world_images(args.num, "t2i", args.size, seed=1)
-
-    def project() -> float:
-        return fid_from_features(extract_features(net, generated, args.batch, device)["pool3"],
-                                 extract_features(net, reference, args.batch, device)["pool3"])
-
-    def clean_fid() -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)       # clean-fid's scipy sqrtm(disp=)
-            return cleanfid_fid.compute_fid(
-                str(folders[0]), str(folders[1]), mode="legacy_tensorflow",
-                custom_feat_extractor=CleanFidExtractor(net), num_workers=args.workers,
-                batch_size=args.cleanfid_batch, device=device, verbose=False, use_dataparallel=False)
-
-    load_before = os.getloadavg()[0]
-    runs: dict[str, list[tuple[float, float, float]]] = {"a": [], "b": []}
-    with tempfile.TemporaryDirectory(prefix="fid_throughput_") as tmp:
-        folders = (Path(tmp) / "generated", Path(tmp) / "reference")
-        t = time.perf_counter()
-        write_pngs(generated, folders[0])
-        write_pngs(reference, folders[1])
-        t_png = time.perf_counter() - t
-        extract_features(net, generated[:2], device=device)          # warm-up (allocator, kernels)
-        for r in range(args.rounds):   # alternate the order so load drift hits both paths alike
-            for name in ("ab" if r % 2 == 0 else "ba"):
-                runs[name].append(timed(project if name == "a" else clean_fid))
-
-    n = 2 * args.num
-    (fid_a, t_a, c_a), (fid_b, t_b, c_b) = (
-        (runs[k][-1][0], *(statistics.median(run[i] for run in runs[k]) for i in (1, 2))) for k in "ab")
-    weights = args.weights or "RANDOM (Kaiming) weights: FIDs compare the paths, not image quality"
-    print(f"FID Inception weights: {weights}")
-    print(f"{args.num} generated + {args.num} reference images, {args.size}x{args.size}, device {device}, "
-          f"torch threads {torch.get_num_threads()}, {args.rounds} round(s), medians; "
-          f"PNGs written in {t_png:.1f} s (not timed)")
-    print(f"(a) project, uint8 tensors, batch {args.batch:3d}       : {n / t_a:8.2f} images/s  "
-          f"({t_a:7.1f} s wall, {n / c_a:6.2f} images/CPU-s)  FID {fid_a:.6f}")
+    r = measure(args.num, args.batch, args.cleanfid_batch, args.workers, args.rounds, args.size,
+                args.device, args.weights)
+    a, b = r["project"], r["cleanfid"]
+    print(f"FID Inception weights: {r['weights']}")
+    print(f"{args.num} generated + {args.num} reference images, {args.size}x{args.size}, device {r['device']}, "
+          f"torch threads {r['torch_threads']}, {args.rounds} round(s), medians; "
+          f"PNGs written in {r['png_seconds']:.1f} s (not timed)")
+    print(f"(a) project, uint8 tensors, batch {args.batch:3d}       : {a['images_per_second']:8.2f} images/s  "
+          f"({a['wall_seconds']:7.1f} s wall, {a['images_per_cpu_second']:6.2f} images/CPU-s)  FID {a['fid']:.6f}")
     print(f"(b) clean-fid folders, batch {args.cleanfid_batch:3d}, {args.workers} workers: "
-          f"{n / t_b:8.2f} images/s  ({t_b:7.1f} s wall, {n / c_b:6.2f} images/CPU-s)  FID {fid_b:.6f}")
-    print(f"throughput ratio (a)/(b): {t_b / t_a:.2f}x wall, {c_b / c_a:.2f}x CPU time  (target >= 2x)   "
-          f"|dFID| = {abs(fid_a - fid_b):.3g}")
+          f"{b['images_per_second']:8.2f} images/s  ({b['wall_seconds']:7.1f} s wall, "
+          f"{b['images_per_cpu_second']:6.2f} images/CPU-s)  FID {b['fid']:.6f}")
+    print(f"throughput ratio (a)/(b): {r['ratio_wall']:.2f}x wall, {r['ratio_cpu']:.2f}x CPU time  "
+          f"(target >= 2x)   |dFID| = {r['abs_delta_fid']:.3g}")
     # other processes on the machine shift the ratio; the load average says how much to trust it
-    print(f"1-min load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
-          f"on {os.cpu_count()} CPUs")
+    print(f"1-min load average: {r['load_average'][0]:.1f} before, {r['load_average'][1]:.1f} after, "
+          f"on {r['cpus']} CPUs")
 
 
 if __name__ == "__main__":
