@@ -68,7 +68,8 @@ def check_metrics(names) -> list[str]:
 class EvalSettings:
     metrics: list = field(default_factory=lambda: ["world_fid"])
     num_images: int = 500                   # for every metric without a fixed count
-    temperatures: list = field(default_factory=lambda: [1.0])
+    # None: each run's own (generator.eval_temperatures, else eval_temperature: H.5's sweep)
+    temperatures: list | None = field(default_factory=lambda: [1.0])
     seed: int = 0
     batch: int = 250
     images_per_prompt: int = 4              # GenEval
@@ -362,7 +363,12 @@ class Evaluator:
         primary = self.settings.metrics[0]
         best, best_key = None, math.inf
         per_t = {}
-        for t in self.settings.temperatures:
+        temperatures = self.settings.temperatures
+        if temperatures is None:
+            from trainers.config import eval_temperatures
+
+            temperatures = [1.0] if student.teacher_steps else eval_temperatures(student.cfg.generator)
+        for t in temperatures:
             values = self._score_metrics(student, float(t))
             per_t[f"eval/{primary}/T{float(t):g}"] = values[primary]
             key = values[primary] if primary in LOWER_IS_BETTER else -values[primary]
@@ -370,7 +376,7 @@ class Evaluator:
                 best, best_key, best_t = values, key, float(t)
         out = {f"eval/{k}": float(v) for k, v in best.items()}
         out["eval/temperature"] = best_t
-        if len(self.settings.temperatures) > 1:
+        if len(temperatures) > 1:
             out.update(per_t)
         tts_metrics = [m for m in self.settings.metrics if m in TEST_TIME_METRICS]
         if self.settings.test_time and tts_metrics and student.track == "t2i":   # c2i: no prompts
