@@ -194,3 +194,25 @@ def _staged(root: Path, preset: str) -> list:
 @pytest.fixture(autouse=True)
 def _weights_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SOFTDIMO_WEIGHTS", str(tmp_path / "staged"))
+
+
+@pytest.mark.parametrize("family", ["maskgit", "maskbit", "maskgen", "meissonic"])
+def test_teacher_cfg_is_u_plus_w_c_minus_u_for_every_family(family, tmp_path):
+    """Table 5's teacher CFG is applied as u + w(c − u) for every family, with "u" the null
+    condition or the preset's negative prompt (docs/recipes.md, CFG)."""
+    cfg, ctx, st = fake_run(family, tmp_path, ["dimo.teacher_dropout=false"])
+    t, b = ctx.teacher, 2
+    cond = (t.encode_condition(labels=torch.tensor([0, 1])) if t.conditioning == "class"
+            else t.encode_condition(prompts=PROMPTS))
+    ids = torch.randint(0, t.V, (b, t.seq_len), generator=torch.Generator().manual_seed(0))
+    e = t.embed_ids(ids)
+    neg = cfg.dimo.negative_prompt
+    null = (t.encode_condition(prompts=[neg] * b) if neg is not None else t.null_condition(b))
+    with torch.no_grad():
+        c = t.forward_embeddings(t.backbone, e, cond)[0]
+        u = t.forward_embeddings(t.backbone, e, null)[0]
+        ours = steps._teacher_with_cfg(cfg, ctx, e, cond)
+    w = cfg.dimo.teacher_cfg
+    assert w == {"maskgit": 2.0, "maskbit": 1.5, "maskgen": 4.0, "meissonic": 4.0}[family]
+    torch.testing.assert_close(ours, u + w * (c - u), atol=1e-4, rtol=1e-4)
+    assert (neg is not None) == (family == "meissonic")
