@@ -29,7 +29,8 @@ import torch
 
 WORLD_METRICS = ("world_fid", "world_clip", "geneval_world")
 SCORE_METRICS = ("clip", "hps", "hps_v21", "pickscore", "imagereward")
-# fid30k: text-to-image FID (COCO-30k, MJHQ-30k) against --reference statistics or an image folder
+# fid30k: text-to-image FID (COCO-30k, MJHQ-30k) through clean-fid's clean mode (H.5; evaluators.clean_fid)
+# against --reference: clean-fid statistics (npz mu, sigma) or a folder of real images
 INCEPTION_METRICS = ("fid5k", "fid50k", "fid30k", "is", "prdc")
 METRICS = WORLD_METRICS + INCEPTION_METRICS + SCORE_METRICS + ("geneval",)
 TEST_TIME_METRICS = ("world_clip", "geneval_world") + SCORE_METRICS + ("geneval",)
@@ -38,7 +39,7 @@ FIXED_COUNTS = {"fid5k": 5000, "fid50k": 50000, "fid30k": 30000}
 # the staged weight files (evaluators.weights keys) each metric reads
 WEIGHTS_NEEDED = {
     "fid5k": ("inception", "adm_ref"), "fid50k": ("inception", "adm_ref"),
-    "fid30k": ("inception", "adm_ref"), "is": ("inception",),
+    "fid30k": ("clean_fid_inception",), "is": ("inception",),
     "prdc": ("inception", "adm_ref"), "clip": ("clip_g14",), "hps": ("hps_v2",), "hps_v21": ("hps_v21",),
     "pickscore": ("pickscore", "pickscore_proc"),
     "imagereward": ("imagereward", "imagereward_med", "bert_vocab"),
@@ -302,6 +303,8 @@ class Evaluator:
         from evaluators.fid import feature_statistics, frechet_distance
         from evaluators.image_metrics import inception_score, prdc
 
+        if metric == "fid30k":
+            return {metric: self._clean_fid30k(images_u8)}
         pool3, logits = self._pool3(images_u8)
         if metric == "is":
             return {"is": float(inception_score(logits)[0])}
@@ -312,6 +315,21 @@ class Evaluator:
             return {k: float(v) for k, v in prdc(real, fake, k=3, k_dc=5).items()}
         mu, sigma = feature_statistics(pool3)
         return {metric: float(frechet_distance(mu, sigma, mu_r, sigma_r))}
+
+    def _clean_fid30k(self, images_u8: torch.Tensor) -> float:
+        """H.5's FID-30k: clean-fid, clean mode, against --reference (folder or npz; required)."""
+        from evaluators import clean_fid
+
+        if not self.settings.reference:
+            raise ValueError("fid30k needs --reference: clean-fid statistics (npz with mu, sigma) "
+                             "or a folder of real images (e.g. COCO-2014 val at 256 px)")
+        if getattr(self, "_clean", None) is None:
+            extractor = clean_fid.load_extractor(self.settings.paths.get("clean_fid_inception"),
+                                                 self.device)
+            stats = clean_fid.reference_statistics(self.settings.reference, extractor, self.device)
+            self._clean = (extractor, stats)
+        extractor, stats = self._clean
+        return clean_fid.fid30k(images_u8, self.settings.reference, extractor, self.device, stats)
 
     def _geneval_world(self, student: Student, temperature: float) -> dict:
         from evaluators.geneval_world import score_world_images, world_metadata
