@@ -75,6 +75,7 @@ class EvalSettings:
     batch: int = 250
     images_per_prompt: int = 4              # GenEval
     geneval_prompts_per_task: int = 8       # GenEval-world
+    geneval_results: Optional[str] = None   # GenEval: also write results.jsonl (official schema) here
     reference: Optional[str] = None         # npz with mu, sigma[, arr_0]; default: the ADM batch
     paths: dict = field(default_factory=dict)   # weights key -> explicit path
     test_time: Optional[dict] = None        # TestTime fields: also score TEST_TIME_METRICS with it
@@ -323,13 +324,11 @@ class Evaluator:
         if not self.settings.reference:
             raise ValueError("fid30k needs --reference: clean-fid statistics (npz with mu, sigma) "
                              "or a folder of real images (e.g. COCO-2014 val at 256 px)")
-        if getattr(self, "_clean", None) is None:
-            extractor = clean_fid.load_extractor(self.settings.paths.get("clean_fid_inception"),
-                                                 self.device)
-            stats = clean_fid.reference_statistics(self.settings.reference, extractor, self.device)
-            self._clean = (extractor, stats)
-        extractor, stats = self._clean
-        return clean_fid.fid30k(images_u8, self.settings.reference, extractor, self.device, stats)
+        if getattr(self, "_clean", None) is None:     # (extractor, reference statistics), once
+            net = clean_fid.load_extractor(self.settings.paths.get("clean_fid_inception"), self.device)
+            self._clean = (net, clean_fid.reference_statistics(self.settings.reference, net, self.device))
+        net, stats = self._clean
+        return clean_fid.fid30k(images_u8, self.settings.reference, net, self.device, stats)
 
     def _geneval_world(self, student: Student, temperature: float) -> dict:
         from evaluators.geneval_world import score_world_images, world_metadata
@@ -358,7 +357,12 @@ class Evaluator:
         ipp = self.settings.images_per_prompt
         images = to_uint8(self.generate(student, [m["prompt"] for m in meta for _ in range(ipp)],
                                         temperature))
-        return _geneval_values("geneval", summarise(evaluate_images(meta, images, ipp, detector, colours)))
+        rows = evaluate_images(meta, images, ipp, detector, colours)
+        if self.settings.geneval_results:
+            from evaluators.geneval_results import write_results
+
+            write_results(rows, self.settings.geneval_results)
+        return _geneval_values("geneval", summarise(rows))
 
     def evaluate_teacher(self, cfg, steps: int, guidance: float | None = None) -> dict:
         """The same metrics for the teacher of config ``cfg`` sampled with its own multi-step

@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--geneval-prompts-per-task", type=int, default=8,
                    help="GenEval-world prompts per task (six tasks, 4 images each; default 8)")
+    p.add_argument("--geneval-results", default=None, metavar="PATH",
+                   help="geneval: also write the per-image results.jsonl (GenEval's official schema)")
     p.add_argument("--weights", nargs="*", default=[], metavar="KEY=PATH",
                    help="explicit weight paths, e.g. inception=/w/pt_inception.pth")
     p.add_argument("--reference", default=None, help="FID reference npz (mu, sigma[, arr_0])")
@@ -147,7 +149,8 @@ def _settings(args):
                         temperatures=(_floats(args.temperatures, "--temperatures")
                                       if args.temperatures else None), seed=args.seed,
                         reference=args.reference, paths=paths, test_time=test_time,
-                        geneval_prompts_per_task=args.geneval_prompts_per_task)
+                        geneval_prompts_per_task=args.geneval_prompts_per_task,
+                        geneval_results=args.geneval_results)
 
 
 def evaluate_checkpoints(args) -> list[dict]:
