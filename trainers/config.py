@@ -109,7 +109,7 @@ class GanSection:
     weight: float = 0.0
     mask_range: List[float] = field(default_factory=lambda: [0.0, 0.5])
     start_step: int = 0                 # first step of the generator's GAN term (Fig. 9: 1000)
-    discriminator_start_step: int = 0   # first step of η's updates (it trains before the GAN term)
+    discriminator_start_step: Optional[int] = None  # first step of η's updates; None: start_step
     layers: List[int] = field(default_factory=lambda: [1, -1])  # teacher blocks feeding the heads (-1: last)
     head_channels: int = 64             # width of each convolutional head (and of the final MLP)
     head_depth: int = 1                 # C→C convolutions per head after the input one
@@ -255,7 +255,8 @@ def check_values(cfg: Config) -> None:
     _non_negative("gan.weight", cfg.gan.weight)
     _unit_range("gan.mask_range", cfg.gan.mask_range)
     _non_negative("gan.start_step", cfg.gan.start_step)
-    _non_negative("gan.discriminator_start_step", cfg.gan.discriminator_start_step)
+    if cfg.gan.discriminator_start_step is not None:
+        _non_negative("gan.discriminator_start_step", cfg.gan.discriminator_start_step)
     _positive("gan.head_depth", cfg.gan.head_depth)
     _non_negative("gan.feature_noise", cfg.gan.feature_noise)
     _positive("gan.head_channels", cfg.gan.head_channels)

@@ -119,9 +119,10 @@ def _update(st: TrainState, name: str, module: nn.Module, loss: torch.Tensor, cl
 
 def _gan_active(cfg: Config, step: int) -> tuple[bool, bool]:
     """(the generator's GAN term is on, η trains) at ``step``: Fig. 9/12 train η for 1000 steps
-    before its loss reaches θ."""
-    on = cfg.gan.weight > 0
-    return on and step >= cfg.gan.start_step, on and step >= cfg.gan.discriminator_start_step
+    before its loss reaches θ (gan.discriminator_start_step 0, gan.start_step 1000)."""
+    on, g = cfg.gan.weight > 0, cfg.gan
+    disc = g.start_step if g.discriminator_start_step is None else g.discriminator_start_step
+    return on and step >= g.start_step, on and step >= disc
 
 
 def _dimo_loss(cfg: Config, ctx: TrainContext, st: TrainState, z: torch.Tensor, cond: torch.Tensor):

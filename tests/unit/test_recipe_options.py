@@ -216,3 +216,10 @@ def test_teacher_cfg_is_u_plus_w_c_minus_u_for_every_family(family, tmp_path):
     assert w == {"maskgit": 2.0, "maskbit": 1.5, "maskgen": 4.0, "meissonic": 4.0}[family]
     torch.testing.assert_close(ours, u + w * (c - u), atol=1e-4, rtol=1e-4)
     assert (neg is not None) == (family == "meissonic")
+
+
+def test_discriminator_start_defaults_to_the_gan_start(tmp_path):
+    """Without gan.discriminator_start_step, gan.start_step gates both sides (as before)."""
+    cfg, ctx, st = fake_run("maskgit", tmp_path, ["gan.start_step=1", "gan.discriminator_start_step=null"])
+    assert "loss/discriminator" not in steps.train_step(cfg, ctx, st)
+    assert {"loss/discriminator", "loss/gan_generator"} <= set(steps.train_step(cfg, ctx, st))
