@@ -180,6 +180,8 @@ def _check_teacher_and_data(cfg: Config) -> None:
     """What the world needs nothing of, and what a real teacher cannot run without."""
     kind, data = cfg.teacher.kind, cfg.data
     if kind in WORLD_KINDS:
+        if kind == "world_c2i" and cfg.dimo.negative_prompt is not None:
+            raise ConfigValueError("dimo.negative_prompt", "is for text-to-image teachers; world_c2i takes class labels")
         for key in ("teacher.paths", "teacher.options", "data.tokens", "data.captions", "data.prompts"):
             section, name = key.split(".")
             if getattr(getattr(cfg, section), name):

@@ -54,6 +54,7 @@ class TrainContext:
     rewards: dict                   # name -> RewardFn (images [B,3,H,W] in [0,1], prompts) -> [B]
     device: torch.device
     world: Any = None               # the loaded embedded world (its scorers, reference data)
+    cache: dict = field(default_factory=dict)   # conditions encoded once (dimo.negative_prompt)
 
     @property
     def world_root(self) -> str:

@@ -67,8 +67,11 @@ def _teacher_with_cfg(cfg: Config, ctx: TrainContext, e_t: torch.Tensor, cond: t
         if w == 1.0:
             return t.forward_embeddings(t.backbone, e_t, cond)[0]
         b = cond.shape[0]
-        if cfg.dimo.negative_prompt is not None:
-            null = t.encode_condition(prompts=[cfg.dimo.negative_prompt] * b).to(cond.device)
+        if cfg.dimo.negative_prompt is not None:    # encoded once, [1, ...] expanded to the batch
+            key = ("negative_prompt", cfg.dimo.negative_prompt)
+            if key not in ctx.cache:
+                ctx.cache[key] = t.encode_condition(prompts=[cfg.dimo.negative_prompt]).to(cond.device)
+            null = ctx.cache[key].expand(b, *ctx.cache[key].shape[1:])
         else:
             null = t.null_condition(b)
         both = t.forward_embeddings(t.backbone, torch.cat([e_t, e_t]), torch.cat([cond, null]))[0]
@@ -162,9 +165,10 @@ def generator_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.T
         separate = gan_cond is not None and (use_gan or train_disc)
         probs = relaxed(cfg, z, g) if (use_reward or ((use_gan or train_disc) and not separate)) else None
         gan_probs = probs
-        if separate:
-            z_gan = draw_student(cfg, ctx, st.generator, gan_cond, g, r_init).float()
-            gan_probs = relaxed(cfg, z_gan, g)
+        if separate:        # no graph while only η needs these fakes
+            with torch.set_grad_enabled(use_gan):
+                z_gan = draw_student(cfg, ctx, st.generator, gan_cond, g, r_init).float()
+                gan_probs = relaxed(cfg, z_gan, g)
         loss_gan = loss_reward = None
         scores = {}
         if use_gan:

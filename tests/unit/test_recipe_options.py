@@ -108,7 +108,7 @@ def test_dimo_prompts_apart_from_the_gan_captions_and_the_negative_prompt(tmp_pa
     b = cfg.train.batch_size
     assert seen[0] == [PROMPTS[0]] * b                      # the real batch's captions (GAN)
     assert seen[1] == [PROMPTS[1]] * b                      # the Di[M]O prompts (data.prompts)
-    assert [PROMPTS[0]] * b in seen[2:]                     # the negative prompt, for the teacher's u
+    assert [PROMPTS[0]] in seen[2:]                         # the negative prompt (once), the teacher's u
     assert torch.equal(discs[0], encode(prompts=[PROMPTS[0]] * b))   # η: real captions for both sides
     with pytest.raises(UserError, match="data.prompts: is for text-to-image teachers"):
         fake_run("maskgit", tmp_path / "c2i", [f"data.prompts={tmp_path / 'captions.txt'}"])
