@@ -51,7 +51,7 @@ class Teacher(Protocol):
                            layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run ``net`` (φ, θ or ψ) from input embeddings e [B, L, D].
 
-        Returns logits [B, L, V] and the hidden states [B, feature_len, D_h] after each block in
+        Returns logits [B, L, V] (or [B, L, V + 1] with a mask column) and the hidden states [B, feature_len, D_h] after each block in
         ``layers`` (negative indices count from the last block).
         """
 
