@@ -100,8 +100,10 @@ class GeneratorSection:
     embed_noise: float = 0.1            # σ of the variance-preserving input-embedding noise
     temperature: float = 1.0            # sampling temperature of x_θ during training (H.1: 1)
     eval_temperature: Optional[float] = None    # generation/evaluation; None: temperature
-    eval_temperatures: List[float] = field(default_factory=list)  # evaluation sweep (H.5); []: eval_temperature
-    freeze: List[str] = field(default_factory=list)  # parameter-name prefixes frozen in θ and ψ besides the input embedding
+    # the evaluation sweep (H.5); []: eval_temperature alone
+    eval_temperatures: List[float] = field(default_factory=list)
+    # parameter-name prefixes frozen in θ and ψ besides the input embedding (Di[M]O: bias, pos_emb)
+    freeze: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -181,7 +183,8 @@ def _check_teacher_and_data(cfg: Config) -> None:
     kind, data = cfg.teacher.kind, cfg.data
     if kind in WORLD_KINDS:
         if kind == "world_c2i" and cfg.dimo.negative_prompt is not None:
-            raise ConfigValueError("dimo.negative_prompt", "is for text-to-image teachers; world_c2i takes class labels")
+            raise ConfigValueError("dimo.negative_prompt",
+                                   "is for text-to-image teachers; world_c2i takes class labels")
         for key in ("teacher.paths", "teacher.options", "data.tokens", "data.captions", "data.prompts"):
             section, name = key.split(".")
             if getattr(getattr(cfg, section), name):
@@ -194,7 +197,8 @@ def _check_teacher_and_data(cfg: Config) -> None:
     if family.conditioning == "text" and not data.captions:
         raise ConfigValueError("data.captions", "a text-to-image teacher needs prompts (one per line)")
     if family.conditioning == "class":
-        for key, value in (("data.prompts", data.prompts), ("dimo.negative_prompt", cfg.dimo.negative_prompt)):
+        for key, value in (("data.prompts", data.prompts),
+                           ("dimo.negative_prompt", cfg.dimo.negative_prompt)):
             if value is not None:
                 raise ConfigValueError(key, f"is for text-to-image teachers; {kind} takes class labels")
     for i, term in enumerate(cfg.reward.terms):

@@ -247,7 +247,8 @@ def _options(options: dict, n_embed: int, downsampling: int) -> dict:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TeacherOptionError(f"teacher.options.{unknown[0]}",
-                                 f"unknown MaskGIT option; expected some of {', '.join(DEFAULTS)}, mask_logit")
+                                 f"unknown MaskGIT option; expected some of "
+                                 f"{', '.join(DEFAULTS)}, mask_logit")
     opts = {**DEFAULTS, **options}
     for name, value in opts.items():
         if value is None and DEFAULTS[name] is None:

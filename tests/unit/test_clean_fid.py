@@ -46,7 +46,8 @@ def extractor(tmp_path_factory):
 def images(seed: int, n: int = 10, size: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     smooth = torch.rand(n, 3, 8, 8, generator=g) * 255          # low-frequency content, then noise
-    x = nn.functional.interpolate(smooth, size=size, mode="bilinear") + 20 * torch.randn(n, 3, size, size, generator=g)
+    noise = 20 * torch.randn(n, 3, size, size, generator=g)
+    x = nn.functional.interpolate(smooth, size=size, mode="bilinear") + noise
     return x.clamp(0, 255).round().to(torch.uint8)
 
 
