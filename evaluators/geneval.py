@@ -163,8 +163,9 @@ def _iou_plus_one(a: Sequence[float], b: Sequence[float]) -> float:
 
 def filter_detections(detections: Iterable[Detection], tag: str,
                       rules: Rules = Rules()) -> dict[str, list[Detection]]:
-    """Per class: score > threshold (counting_threshold for counting prompts), best first
-    (stable for ties), at most max_objects, greedy NMS only if max_overlap < 1."""
+    """Per class: score > threshold (counting_threshold for counting prompts), best first, at most
+    max_objects, greedy NMS only if max_overlap < 1. Exact score ties put the later detection
+    first, as the official ``np.argsort(scores)[::-1]`` does (a stable ascending sort, reversed)."""
     threshold = rules.counting_threshold if tag == "counting" else rules.threshold
     by_class: dict[str, list[Detection]] = {}
     for d in detections:
@@ -172,7 +173,7 @@ def filter_detections(detections: Iterable[Detection], tag: str,
             by_class.setdefault(d.class_name, []).append(d)
     out = {}
     for name, dets in by_class.items():
-        order = sorted(dets, key=lambda d: -d.score)[:rules.max_objects]
+        order = sorted(reversed(dets), key=lambda d: -d.score)[:rules.max_objects]
         kept: list[Detection] = []
         while order:
             best = order.pop(0)
@@ -276,8 +277,11 @@ def evaluate_images(metadata: Sequence[Mapping], images: torch.Tensor | Sequence
                     colour_classifier: ColourClassifier | None,
                     rules: Rules = Rules()) -> list[dict]:
     """Score images [N = len(metadata) × images_per_prompt, 3, H, W] uint8, prompt-major
-    (images[i·k + j] is image j of prompt i) -> one row per image: prompt_id, tag, prompt,
-    correct, reason."""
+    (images[i·k + j] is image j of prompt i) -> one row per image in the official results.jsonl
+    schema (evaluators.geneval_results.official_row): filename, tag, prompt, correct, reason,
+    metadata (the prompt's line as a JSON string), details (kept boxes per class, as JSON)."""
+    from evaluators.geneval_results import official_row
+
     if len(images) != len(metadata) * images_per_prompt:
         raise ValueError(f"expected {len(metadata)} prompts × {images_per_prompt} images = "
                          f"{len(metadata) * images_per_prompt} images, got {len(images)}")
@@ -285,24 +289,25 @@ def evaluate_images(metadata: Sequence[Mapping], images: torch.Tensor | Sequence
     for i, meta in enumerate(metadata):
         for j in range(images_per_prompt):
             image = images[i * images_per_prompt + j]
-            correct, reason = evaluate_image(meta, detector.detect(image), colour_classifier,
-                                             image, rules)
-            rows.append({"prompt_id": i, "tag": meta["tag"], "prompt": meta["prompt"],
-                         "correct": bool(correct), "reason": reason})
+            detections = detector.detect(image)
+            correct, reason = evaluate_image(meta, detections, colour_classifier, image, rules)
+            kept = filter_detections(detections, meta["tag"], rules)
+            rows.append(official_row(i, j, meta, correct, reason, kept))
     return rows
 
 
 def summarise(results: Iterable[Mapping]) -> dict[str, float]:
-    """Rows with tag, correct, prompt_id -> {overall, <task>..., correct_images, correct_prompts,
-    n_images, n_prompts}. overall = unweighted mean over the tasks present (GenEval's score)."""
+    """Rows with tag, correct, metadata (ours or the official tool's) -> {overall, <task>...,
+    correct_images, correct_prompts, n_images, n_prompts}, as GenEval's summary_scores.py computes
+    them: a prompt is a distinct ``metadata`` string, overall the unweighted mean of the tasks."""
     rows = list(results)
     if not rows:
         raise ValueError("no results to summarise")
     tasks: dict[str, list[bool]] = {}
-    prompts: dict[Any, bool] = {}
+    prompts: dict[str, bool] = {}
     for r in rows:
         tasks.setdefault(r["tag"], []).append(bool(r["correct"]))
-        prompts[r["prompt_id"]] = prompts.get(r["prompt_id"], False) or bool(r["correct"])
+        prompts[r["metadata"]] = prompts.get(r["metadata"], False) or bool(r["correct"])
     per_task = {t: float(np.mean(tasks[t])) for t in TASKS if t in tasks}
     per_task.update({t: float(np.mean(v)) for t, v in tasks.items() if t not in per_task})
     return {"overall": float(np.mean(list(per_task.values()))), **per_task,

@@ -161,7 +161,7 @@ def render_witnesses(metadata: Sequence[Mapping]) -> torch.Tensor:
 
 def evaluate_world_images(metadata: Sequence[Mapping], images: torch.Tensor,
                           images_per_prompt: int, rules: Rules = Rules()) -> list[dict]:
-    """Per-image GenEval rows (prompt_id, tag, prompt, correct, reason) for uint8 images
+    """Per-image GenEval rows (the official results.jsonl schema) for uint8 images
     [P × images_per_prompt, 3, H, W], prompt-major, with the world parser and palette colours."""
     return evaluate_images(metadata, images, images_per_prompt, WorldSceneDetector(),
                            WorldColourClassifier(rules.bgcolor), rules)

@@ -29,7 +29,8 @@ import torch
 
 WORLD_METRICS = ("world_fid", "world_clip", "geneval_world")
 SCORE_METRICS = ("clip", "hps", "hps_v21", "pickscore", "imagereward")
-# fid30k: text-to-image FID (COCO-30k, MJHQ-30k) against --reference statistics or an image folder
+# fid30k: text-to-image FID (COCO-30k, MJHQ-30k) through clean-fid's clean mode (H.5; evaluators.clean_fid)
+# against --reference: clean-fid statistics (npz mu, sigma) or a folder of real images
 INCEPTION_METRICS = ("fid5k", "fid50k", "fid30k", "is", "prdc")
 METRICS = WORLD_METRICS + INCEPTION_METRICS + SCORE_METRICS + ("geneval",)
 TEST_TIME_METRICS = ("world_clip", "geneval_world") + SCORE_METRICS + ("geneval",)
@@ -38,7 +39,7 @@ FIXED_COUNTS = {"fid5k": 5000, "fid50k": 50000, "fid30k": 30000}
 # the staged weight files (evaluators.weights keys) each metric reads
 WEIGHTS_NEEDED = {
     "fid5k": ("inception", "adm_ref"), "fid50k": ("inception", "adm_ref"),
-    "fid30k": ("inception", "adm_ref"), "is": ("inception",),
+    "fid30k": ("clean_fid_inception",), "is": ("inception",),
     "prdc": ("inception", "adm_ref"), "clip": ("clip_g14",), "hps": ("hps_v2",), "hps_v21": ("hps_v21",),
     "pickscore": ("pickscore", "pickscore_proc"),
     "imagereward": ("imagereward", "imagereward_med", "bert_vocab"),
@@ -68,11 +69,13 @@ def check_metrics(names) -> list[str]:
 class EvalSettings:
     metrics: list = field(default_factory=lambda: ["world_fid"])
     num_images: int = 500                   # for every metric without a fixed count
-    temperatures: list = field(default_factory=lambda: [1.0])
+    # None: each run's own (generator.eval_temperatures, else eval_temperature: H.5's sweep)
+    temperatures: list | None = field(default_factory=lambda: [1.0])
     seed: int = 0
     batch: int = 250
     images_per_prompt: int = 4              # GenEval
     geneval_prompts_per_task: int = 8       # GenEval-world
+    geneval_results: Optional[str] = None   # GenEval: also write results.jsonl (official schema) here
     reference: Optional[str] = None         # npz with mu, sigma[, arr_0]; default: the ADM batch
     paths: dict = field(default_factory=dict)   # weights key -> explicit path
     test_time: Optional[dict] = None        # TestTime fields: also score TEST_TIME_METRICS with it
@@ -302,6 +305,8 @@ class Evaluator:
         from evaluators.fid import feature_statistics, frechet_distance
         from evaluators.image_metrics import inception_score, prdc
 
+        if metric == "fid30k":
+            return {metric: self._clean_fid30k(images_u8)}
         pool3, logits = self._pool3(images_u8)
         if metric == "is":
             return {"is": float(inception_score(logits)[0])}
@@ -312,6 +317,19 @@ class Evaluator:
             return {k: float(v) for k, v in prdc(real, fake, k=3, k_dc=5).items()}
         mu, sigma = feature_statistics(pool3)
         return {metric: float(frechet_distance(mu, sigma, mu_r, sigma_r))}
+
+    def _clean_fid30k(self, images_u8: torch.Tensor) -> float:
+        """H.5's FID-30k: clean-fid, clean mode, against --reference (folder or npz; required)."""
+        from evaluators import clean_fid
+
+        if not self.settings.reference:
+            raise ValueError("fid30k needs --reference: clean-fid statistics (npz with mu, sigma) "
+                             "or a folder of real images (e.g. COCO-2014 val at 256 px)")
+        if getattr(self, "_clean", None) is None:     # (extractor, reference statistics), once
+            net = clean_fid.load_extractor(self.settings.paths.get("clean_fid_inception"), self.device)
+            self._clean = (net, clean_fid.reference_statistics(self.settings.reference, net, self.device))
+        net, stats = self._clean
+        return clean_fid.fid30k(images_u8, self.settings.reference, net, self.device, stats)
 
     def _geneval_world(self, student: Student, temperature: float) -> dict:
         from evaluators.geneval_world import score_world_images, world_metadata
@@ -340,7 +358,12 @@ class Evaluator:
         ipp = self.settings.images_per_prompt
         images = to_uint8(self.generate(student, [m["prompt"] for m in meta for _ in range(ipp)],
                                         temperature))
-        return _geneval_values("geneval", summarise(evaluate_images(meta, images, ipp, detector, colours)))
+        rows = evaluate_images(meta, images, ipp, detector, colours)
+        if self.settings.geneval_results:
+            from evaluators.geneval_results import write_results
+
+            write_results(rows, self.settings.geneval_results)
+        return _geneval_values("geneval", summarise(rows))
 
     def evaluate_teacher(self, cfg, steps: int, guidance: float | None = None) -> dict:
         """The same metrics for the teacher of config ``cfg`` sampled with its own multi-step
@@ -363,7 +386,12 @@ class Evaluator:
         primary = self.settings.metrics[0]
         best, best_key = None, math.inf
         per_t = {}
-        for t in self.settings.temperatures:
+        temperatures = self.settings.temperatures
+        if temperatures is None:
+            from trainers.config import eval_temperatures
+
+            temperatures = [1.0] if student.teacher_steps else eval_temperatures(student.cfg.generator)
+        for t in temperatures:
             values = self._score_metrics(student, float(t))
             per_t[f"eval/{primary}/T{float(t):g}"] = values[primary]
             key = values[primary] if primary in LOWER_IS_BETTER else -values[primary]
@@ -371,7 +399,7 @@ class Evaluator:
                 best, best_key, best_t = values, key, float(t)
         out = {f"eval/{k}": float(v) for k, v in best.items()}
         out["eval/temperature"] = best_t
-        if len(self.settings.temperatures) > 1:
+        if len(temperatures) > 1:
             out.update(per_t)
         tts_metrics = [m for m in self.settings.metrics if m in TEST_TIME_METRICS]
         if self.settings.test_time and tts_metrics and student.track == "t2i":   # c2i: no prompts

@@ -44,6 +44,10 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
         "pt_inception-2015-12-05-6726825d.pth; torch-fidelity's release v0.2.0 "
         "weights-inception-2015-12-05-6726825d.pth carries the same sha256 prefix"),
+    "clean_fid_inception": WeightFile(
+        "inception/inception-2015-12-05.pt",
+        "clean-fid's Inception (the StyleGAN2-ADA TorchScript port of the TF-2015 graph; fid30k)",
+        "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
     "adm_ref": WeightFile(
         "fid/VIRTUAL_imagenet256_labeled.npz",
         "the ADM ImageNet-256 reference batch (mu, sigma, arr_0; about 2 GB)",

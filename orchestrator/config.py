@@ -149,7 +149,7 @@ def check_files(cfg: Config) -> None:
     """TeacherFilesMissing for an absent teacher file (teacher.paths) or data file (data.*)."""
     if cfg.teacher.kind in FAMILIES:
         check_paths(cfg.teacher.kind, cfg.teacher.paths)
-    for key in ("tokens", "captions"):
+    for key in ("tokens", "captions", "prompts"):
         value = getattr(cfg.data, key)
         if value and not Path(value).expanduser().is_file():
             raise TeacherFilesMissing(f"data.{key}", f"{value} is not an existing file")

@@ -47,10 +47,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="checkpoint dir | run folder | sweep name or folder | MLflow run id")
     p.add_argument("--metrics", default="world_fid", help="comma-separated metric names (see above)")
     p.add_argument("--num", type=int, default=2000, help="images per metric without a fixed count")
-    p.add_argument("--temperatures", default="1", help="sampling temperatures; the best is reported")
+    p.add_argument("--temperatures", default=None,
+                   help="sampling temperatures; the best is reported (default: each run's "
+                        "generator.eval_temperatures, else its eval_temperature; teachers: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--geneval-prompts-per-task", type=int, default=8,
                    help="GenEval-world prompts per task (six tasks, 4 images each; default 8)")
+    p.add_argument("--geneval-results", default=None, metavar="PATH",
+                   help="geneval: also write the per-image results.jsonl (GenEval's official schema)")
     p.add_argument("--weights", nargs="*", default=[], metavar="KEY=PATH",
                    help="explicit weight paths, e.g. inception=/w/pt_inception.pth")
     p.add_argument("--reference", default=None, help="FID reference npz (mu, sigma[, arr_0])")
@@ -149,9 +153,11 @@ def _settings(args):
             raise UserError("--bon/--iters: evaluate takes one configuration (no comma lists)")
         test_time = asdict(configs[0])
     return EvalSettings(metrics=metrics, num_images=args.num,
-                        temperatures=_floats(args.temperatures, "--temperatures"), seed=args.seed,
+                        temperatures=(_floats(args.temperatures, "--temperatures")
+                                      if args.temperatures else None), seed=args.seed,
                         reference=args.reference, paths=paths, test_time=test_time,
-                        geneval_prompts_per_task=args.geneval_prompts_per_task)
+                        geneval_prompts_per_task=args.geneval_prompts_per_task,
+                        geneval_results=args.geneval_results)
 
 
 def evaluate_checkpoints(args) -> list[dict]:
@@ -237,7 +243,7 @@ def evaluate_teacher(args) -> list[dict]:
     conds = eval_conditions(teacher, args.num, len(class_names()), reference.captions)
     rows = []
     for steps in [int(s) for s in _floats(args.steps, "--steps")]:
-        for t in _floats(args.temperatures, "--temperatures"):
+        for t in _floats(args.temperatures or "1", "--temperatures"):
             guidance = 2.0 if args.cfg is None else args.cfg
             name = f"teacher {steps} steps, cfg {guidance:g}, T {t:g}"
             images = generate_images(teacher_sampler(teacher, steps, guidance, t), teacher, conds,

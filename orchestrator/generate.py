@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--argmax", action="store_true", help="take the most likely token everywhere")
     mode.add_argument("--temperature", type=float, default=None,
-                      help="sampling temperature (default: the run's generator.temperature)")
+                      help="sampling temperature (default: the run's generator.eval_temperature, "
+                           "else generator.temperature)")
     p.add_argument("--labels", default=None, help="class ids, comma separated (class-to-image)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (text-to-image)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
@@ -203,10 +204,11 @@ def _plain(args, path, meta, cfg, ctx, net, described, cond_source, out: Path) -
     import torch
     from torchvision.utils import save_image
 
+    from trainers.config import eval_temperature
     from trainers.sampling import one_step_tokens
 
     teacher, num = ctx.teacher, len(described)
-    temperature = args.temperature or cfg.generator.temperature
+    temperature = args.temperature or eval_temperature(cfg.generator)
     g = torch.Generator(device=ctx.device).manual_seed(args.seed)
     images = []
     for start in range(0, num, args.batch_size):

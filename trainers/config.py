@@ -45,7 +45,10 @@ class DataSection:
     tokens: Optional[str] = None        # D_d: safetensors, "tokens" [N, L] ids (+ "labels" [N]), or the
     #                                     manifest.json of orchestrator.tokenize's shards (memory-mapped;
     #                                     also for the world kinds); the GAN's real side
-    captions: Optional[str] = None      # D_c: prompts, one per line (text teachers; row i goes with tokens[i])
+    captions: Optional[str] = None      # prompts, one per line (text teachers; row i goes with tokens[i])
+    # D_c for the Di[M]O loss when it differs from the GAN's captions (Sec. 4.1: LAION-Aesthetics-6+
+    # prompts for Di[M]O, DALLE3-1M images and captions for the GAN); None: data.captions
+    prompts: Optional[str] = None
 
 
 @dataclass
@@ -68,7 +71,8 @@ class TrainSection:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0              # θ and η (H.1: norm 1)
+    aux_grad_clip: float = 1.0          # ψ; 0: no clipping (the Di[M]O code clips θ only)
     ema_decay: float = 0.9999
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -87,9 +91,13 @@ class EmbeddingSection:
 
 @dataclass
 class DimoSection:
+    weight: float = 1.0                 # of L_Di[M]O in Eq. 10; 0: no teacher, no ψ (Table 10)
     divergence: str = "fkl"
     beta: float = 0.0                   # Jeffreys mix (1-β)·FKL + β·RKL; may be negative
-    teacher_cfg: float = 2.0            # u + w·(c - u)
+    teacher_cfg: float = 2.0            # u + w·(c - u), every family (docs/recipes.md, CFG)
+    negative_prompt: Optional[str] = None   # text teachers: the teacher's "u" branch (Di[M]O Meissonic)
+    teacher_dropout: bool = False       # φ in train mode (dropout on) for the Di[M]O targets
+    aux_dropout: bool = False           # ψ in train mode when it scores x̃_t for θ's loss
     mask_schedule: str = "arccos"       # forward kernel for the generator loss
     aux_mask_schedule: str = "arccos"   # forward kernel for the auxiliary loss
     mask_clamp: Optional[List[float]] = None
@@ -101,16 +109,23 @@ class DimoSection:
 class GeneratorSection:
     init_mask_ratio: List[float] = field(default_factory=lambda: [0.6])  # [r] fixed or [a, b] = U[a, b]
     embed_noise: float = 0.1            # σ of the variance-preserving input-embedding noise
-    temperature: float = 1.0            # sampling temperature of x_θ during training
+    temperature: float = 1.0            # sampling temperature of x_θ during training (H.1: 1)
+    eval_temperature: Optional[float] = None    # generation/evaluation; None: temperature
+    # the evaluation sweep (H.5); []: eval_temperature alone
+    eval_temperatures: List[float] = field(default_factory=list)
+    # parameter-name prefixes frozen in θ and ψ besides the input embedding (Di[M]O: bias, pos_emb)
+    freeze: List[str] = field(default_factory=list)
 
 
 @dataclass
 class GanSection:
     weight: float = 0.0
     mask_range: List[float] = field(default_factory=lambda: [0.0, 0.5])
-    start_step: int = 0
+    start_step: int = 0                 # first step of the generator's GAN term (Fig. 9: 1000)
+    discriminator_start_step: Optional[int] = None  # first step of η's updates; None: start_step
     layers: List[int] = field(default_factory=lambda: [1, -1])  # teacher blocks feeding the heads (-1: last)
-    head_channels: int = 64
+    head_channels: int = 64             # width of each convolutional head (and of the final MLP)
+    head_depth: int = 1                 # C→C convolutions per head after the input one
     feature_noise: float = 0.0          # Gaussian noise on teacher features (H.3, MaskGit runs)
 
 
@@ -179,7 +194,11 @@ def _check_teacher_and_data(cfg: Config) -> None:
     """What the world needs nothing of, and what a real teacher cannot run without."""
     kind, data = cfg.teacher.kind, cfg.data
     if kind in WORLD_KINDS:
-        for key in ("teacher.paths", "teacher.options", "data.captions"):   # tokens: a manifest may replace the world's
+        if kind == "world_c2i" and cfg.dimo.negative_prompt is not None:
+            raise ConfigValueError("dimo.negative_prompt",
+                                   "is for text-to-image teachers; world_c2i takes class labels")
+        # data.tokens: a manifest of orchestrator.tokenize may replace the world's own tokens
+        for key in ("teacher.paths", "teacher.options", "data.captions", "data.prompts"):
             section, name = key.split(".")
             if getattr(getattr(cfg, section), name):
                 raise ConfigValueError(key, f"is for real teachers; {kind} brings its own")
@@ -191,10 +210,27 @@ def _check_teacher_and_data(cfg: Config) -> None:
     if family.conditioning == "text" and not data.captions and not str(data.tokens or "").endswith(".json"):
         raise ConfigValueError("data.captions", "a text-to-image teacher needs prompts (one per line, "
                                "or the captions of a token manifest in data.tokens)")
+    if family.conditioning == "class":
+        for key, value in (("data.prompts", data.prompts),
+                           ("dimo.negative_prompt", cfg.dimo.negative_prompt)):
+            if value is not None:
+                raise ConfigValueError(key, f"is for text-to-image teachers; {kind} takes class labels")
     for i, term in enumerate(cfg.reward.terms):
         if term.name == "quality":
             raise ConfigValueError(f"reward.terms.{i}.name", "'quality' is the embedded world's "
                                    "reward; real teachers use imagereward, hps, hps_v21, pickscore, clip")
+
+
+def eval_temperatures(g: GeneratorSection) -> List[float]:
+    """The generation temperatures a run is evaluated at (H.5: a sweep for ImageNet checkpoints)."""
+    if g.eval_temperatures:
+        return list(g.eval_temperatures)
+    return [g.eval_temperature if g.eval_temperature is not None else g.temperature]
+
+
+def eval_temperature(g: GeneratorSection) -> float:
+    """The one generation temperature of a run (sample grids, orchestrator.generate)."""
+    return g.eval_temperature if g.eval_temperature is not None else g.temperature
 
 
 def check_values(cfg: Config) -> None:
@@ -207,6 +243,7 @@ def check_values(cfg: Config) -> None:
         _positive(f"train.{key}", getattr(t, key))
     for key in ("lr_generator", "lr_auxiliary", "lr_discriminator", "adam_eps", "grad_clip"):
         _positive(f"train.{key}", getattr(t, key))
+    _non_negative("train.aux_grad_clip", t.aux_grad_clip)
     for key in ("warmup_steps", "weight_decay", "sample_every"):
         _non_negative(f"train.{key}", getattr(t, key))
     if not 0.0 <= t.ema_decay < 1.0:
@@ -221,6 +258,7 @@ def check_values(cfg: Config) -> None:
     _choice("dimo.mask_schedule", d.mask_schedule, MASK_SCHEDULES)
     _choice("dimo.aux_mask_schedule", d.aux_mask_schedule, MASK_SCHEDULES)
     _non_negative("dimo.teacher_cfg", d.teacher_cfg)
+    _non_negative("dimo.weight", d.weight)
     if d.mask_clamp is not None:
         _unit_range("dimo.mask_clamp", d.mask_clamp)
     if not 0.0 <= d.label_smoothing < 1.0:
@@ -230,14 +268,23 @@ def check_values(cfg: Config) -> None:
     if not 0.0 <= g.embed_noise < 1.0:
         raise ConfigValueError("generator.embed_noise", f"must lie in [0, 1), got {g.embed_noise}")
     _positive("generator.temperature", g.temperature)
+    if g.eval_temperature is not None:
+        _positive("generator.eval_temperature", g.eval_temperature)
+    for i, value in enumerate(g.eval_temperatures):
+        _positive(f"generator.eval_temperatures.{i}", value)
     _non_negative("gan.weight", cfg.gan.weight)
     _unit_range("gan.mask_range", cfg.gan.mask_range)
     _non_negative("gan.start_step", cfg.gan.start_step)
+    if cfg.gan.discriminator_start_step is not None:
+        _non_negative("gan.discriminator_start_step", cfg.gan.discriminator_start_step)
+    _positive("gan.head_depth", cfg.gan.head_depth)
     _non_negative("gan.feature_noise", cfg.gan.feature_noise)
     _positive("gan.head_channels", cfg.gan.head_channels)
     if not 1 <= len(cfg.gan.layers) <= 8:    # Table 5: 4 heads (MaskGit, MaskBit), 6 (MaskGen)
         raise ConfigValueError("gan.layers", f"needs 1 to 8 teacher layers, got {len(cfg.gan.layers)}")
     _non_negative("reward.weight", cfg.reward.weight)
+    if d.weight == 0 and cfg.gan.weight == 0 and cfg.reward.weight == 0:
+        raise ConfigValueError("dimo.weight", "0 with no GAN and no reward leaves nothing to train")
     for i, term in enumerate(cfg.reward.terms):
         _choice(f"reward.terms.{i}.name", term.name, REWARD_NAMES)
         _non_negative(f"reward.terms.{i}.weight", term.weight)

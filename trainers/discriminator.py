@@ -16,18 +16,24 @@ from softdimo.teachers.protocol import Teacher
 
 
 class ConvHead(nn.Module):
-    """Hidden states [B, L, D] -> [B, C]: convolutions over the token grid, then mean pooling."""
+    """Hidden states [B, L, D] -> [B, C]: convolutions over the token grid, then mean pooling.
 
-    def __init__(self, width: int, channels: int, seq_len: int):
+    An input convolution D→C with GroupNorm and SiLU, then ``depth`` 3×3 convolutions C→C (GroupNorm
+    and SiLU between them, SiLU after the last). depth = 1 is the small default head; the real presets
+    choose C and depth so that η has Table 5's parameter count.
+    """
+
+    def __init__(self, width: int, channels: int, seq_len: int, depth: int = 1):
         super().__init__()
         side = math.isqrt(seq_len)
         # Square token grids get 2-D convolutions; 1-D token sequences (MaskGen) get 1-D ones.
         self.grid = (side, side) if side * side == seq_len else None
         conv = nn.Conv2d if self.grid else nn.Conv1d
-        self.net = nn.Sequential(
-            conv(width, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.SiLU(),
-            conv(channels, channels, 3, padding=1), nn.SiLU(),
-        )
+        layers: list[nn.Module] = [conv(width, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.SiLU()]
+        for k in range(depth):
+            layers.append(conv(channels, channels, 3, padding=1))
+            layers += [nn.GroupNorm(8, channels), nn.SiLU()] if k < depth - 1 else [nn.SiLU()]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.transpose(1, 2)                                   # [B, D, L]
@@ -39,10 +45,11 @@ class ConvHead(nn.Module):
 class DiscriminatorHeads(nn.Module):
     """The trainable part η: one ConvHead per selected teacher layer, then an MLP over [heads, r]."""
 
-    def __init__(self, width: int, feature_len: int, layers: Sequence[int], channels: int = 64):
+    def __init__(self, width: int, feature_len: int, layers: Sequence[int], channels: int = 64,
+                 depth: int = 1):
         super().__init__()
         self.layers = tuple(int(i) for i in layers)
-        self.heads = nn.ModuleList(ConvHead(width, channels, feature_len) for _ in self.layers)
+        self.heads = nn.ModuleList(ConvHead(width, channels, feature_len, depth) for _ in self.layers)
         self.mlp = nn.Sequential(
             nn.Linear(channels * len(self.layers) + 1, channels), nn.SiLU(), nn.Linear(channels, 1),
         )

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from trainers import checkpoint as ckpt
 from trainers import distributed as dist
-from trainers.config import Config, ConfigValueError, config_hash
+from trainers.config import Config, ConfigValueError, config_hash, eval_temperature
 from trainers.diagnostics import decode_mse, mean_entropy, mean_top1
 from trainers.sampling import grid_conditions, one_step_logits, sample_from_logits
 from trainers.state import TrainContext, TrainState, build_context, build_state
@@ -91,7 +91,7 @@ def save_grid(cfg: Config, ctx: TrainContext, st: TrainState, output_dir: Path) 
     cond, _ = grid_conditions(ctx.teacher, cfg.train.grid_size, max(len(names), 1), captions, ctx.device)
     z = one_step_logits(ctx.teacher, st.ema, cond, g, cfg.generator.init_mask_ratio,
                         cfg.generator.embed_noise)
-    tokens = sample_from_logits(z, g, cfg.generator.temperature)
+    tokens = sample_from_logits(z, g, eval_temperature(cfg.generator))   # generation, not training
     with torch.no_grad():
         images = ctx.teacher.decode_ids(tokens, cond).float()
         soft = ctx.teacher.decode_probs(torch.softmax(z, dim=-1), cond).float()

@@ -29,6 +29,7 @@ class DataSource:
     #                                 indexed the same way); None: conditions only (no GAN)
     labels: torch.Tensor            # [N] long (class ids; -1 for text-to-image)
     captions: list                  # N strings (class names for class-to-image)
+    prompts: list | None = None     # D_c of the Di[M]O loss when apart from the captions (data.prompts)
 
     def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor, list]:
         """-> (tokens [B, L] or None, labels [B], prompts) drawn uniformly with replacement."""
@@ -38,6 +39,11 @@ class DataSource:
         prompts = [self.captions[i] for i in idx_cpu.tolist()]
         tokens = None if self.tokens is None else self.tokens[idx_cpu].to(idx.device)
         return tokens, self.labels[idx_cpu].to(idx.device), prompts
+
+    def sample_prompts(self, batch: int, generator: torch.Generator) -> list:
+        """``batch`` prompts of the Di[M]O set drawn uniformly with replacement."""
+        idx = torch.randint(0, len(self.prompts), (batch,), generator=generator, device=generator.device)
+        return [self.prompts[i] for i in idx.cpu().tolist()]
 
 
 @dataclass
@@ -49,6 +55,7 @@ class TrainContext:
     rewards: dict                   # name -> RewardFn (images [B,3,H,W] in [0,1], prompts) -> [B]
     device: torch.device
     world: Any = None               # the loaded embedded world (its scorers, reference data)
+    cache: dict = field(default_factory=dict)   # conditions encoded once (dimo.negative_prompt)
 
     @property
     def world_root(self) -> str:
@@ -124,13 +131,18 @@ def real_data(cfg: Config, teacher: Teacher, device: torch.device) -> DataSource
     """D_d and D_c of a real teacher from ``data.tokens`` / ``data.captions`` (see DataSection)."""
     from pathlib import Path
 
-    tokens, labels, captions = None, None, None
-    if cfg.data.captions:
-        captions = [s.strip() for s in Path(cfg.data.captions).read_text().splitlines() if s.strip()]
-        if not captions:
-            raise ConfigValueError("data.captions", f"{cfg.data.captions}: no prompts in the file")
+    tokens, labels, captions, prompts = None, None, None, None
+    for key in ("captions", "prompts"):
+        name = getattr(cfg.data, key)
+        if name:
+            lines = [s.strip() for s in Path(name).read_text().splitlines() if s.strip()]
+            if not lines:
+                raise ConfigValueError(f"data.{key}", f"{name}: no prompts in the file")
+            captions, prompts = (lines, prompts) if key == "captions" else (captions, lines)
     if cfg.data.tokens and cfg.data.tokens.endswith(".json"):
-        return shard_data(cfg.data.tokens, teacher, cfg.teacher.kind, captions, device)
+        data = shard_data(cfg.data.tokens, teacher, cfg.teacher.kind, captions, device)
+        data.prompts = prompts
+        return data
     if cfg.data.tokens:
         from softdimo.checkpoints import read_tensors
 
@@ -153,7 +165,7 @@ def real_data(cfg: Config, teacher: Teacher, device: torch.device) -> DataSource
     else:
         labels = torch.full((len(captions),), -1, dtype=torch.long)
     return DataSource(tokens=None if tokens is None else tokens.to(device), labels=labels.to(device),
-                      captions=captions)
+                      captions=captions, prompts=prompts)
 
 
 def shard_data(manifest: str, teacher: Teacher, kind: str, prompts: list | None,
@@ -223,19 +235,34 @@ def _optimizer(params, lr: float, betas: tuple, cfg: Config) -> torch.optim.Opti
                 weight_decay=cfg.train.weight_decay)
 
 
+def freeze(net: nn.Module, prefixes: Sequence[str]) -> nn.Module:
+    """Freeze the parameters whose names start with any of ``prefixes`` (besides the input
+    embedding that make_student froze): the Di[M]O MaskGit code also fixes ``bias`` and ``pos_emb``."""
+    names = [name for name, _ in net.named_parameters()]
+    for i, prefix in enumerate(prefixes):
+        hits = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not hits:
+            raise ConfigValueError(f"generator.freeze.{i}", f"{prefix!r} names no parameter of the "
+                                   f"student (e.g. {', '.join(names[:4])})")
+        for name, p in net.named_parameters():
+            if name in hits:
+                p.requires_grad_(False)
+    return net
+
+
 def build_state(cfg: Config, ctx: TrainContext) -> TrainState:
     """Fresh θ, EMA, ψ (copies of φ) and η, with optimizers, schedules and the run's RNG."""
     torch.manual_seed(cfg.seed)   # module initialisation (η) and any global-RNG op are seeded too
     teacher = ctx.teacher
-    generator = teacher.make_student().to(ctx.device)
-    auxiliary = teacher.make_student().to(ctx.device)
+    generator = freeze(teacher.make_student(), cfg.generator.freeze).to(ctx.device)
+    auxiliary = freeze(teacher.make_student(), cfg.generator.freeze).to(ctx.device)
     ema = copy.deepcopy(generator).requires_grad_(False).eval()
     depth = teacher.depth
     if cfg.gan.weight > 0 and any(not -depth <= i < depth for i in cfg.gan.layers):
         raise ConfigValueError("gan.layers", f"{list(cfg.gan.layers)} out of range for a teacher of "
                                f"{depth} blocks (use indices in [{-depth}, {depth - 1}])")
     heads = DiscriminatorHeads(teacher.hidden_width, teacher.feature_len, cfg.gan.layers,
-                               cfg.gan.head_channels).to(ctx.device)
+                               cfg.gan.head_channels, cfg.gan.head_depth).to(ctx.device)
     t = cfg.train
     optimizers = {
         "generator": _optimizer(generator.parameters(), t.lr_generator, (0.9, 0.999), cfg),

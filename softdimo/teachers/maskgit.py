@@ -7,7 +7,9 @@ Files (``teacher.paths``): ``transformer`` = MaskGIT_ImageNet_256.pth (a dict wh
 only the decoder side is kept (``DECODER_PREFIXES``) and the rest must be in ``IGNORED_PREFIXES``.
 
 Shapes: B batch, L = 256 image tokens (16×16, row-major), V = 1024 codes, [MASK] = 1024,
-D = 768 (input embedding and hidden width). Conditions are class labels [B] in [0, 1000); the null
+D = 768 (input embedding and hidden width). Logits are [B, L, V + 1] with the mask column by default
+(Table 5's "Output Logits Dimension", and the Di[M]O code's divergences and cross-entropy over 1025
+classes); ``teacher.options.mask_logit: false`` gives [B, L, V]. Conditions are class labels [B] in [0, 1000); the null
 class is 1000, which the transformer reads as token 1025 + 1000 = 2025 (upstream's dropped label).
 """
 from __future__ import annotations
@@ -48,7 +50,8 @@ class MaskGitTeacher:
 
     conditioning = "class"
 
-    def __init__(self, backbone: MaskTransformer, vqgan: VQGANDecoder):
+    def __init__(self, backbone: MaskTransformer, vqgan: VQGANDecoder, mask_logit: bool = True):
+        self.mask_logit = mask_logit
         self.backbone = backbone.eval().requires_grad_(False)
         self.vqgan = vqgan.eval().requires_grad_(False)
         self.V: int = backbone.codebook_size
@@ -78,8 +81,9 @@ class MaskGitTeacher:
         return self.backbone.tok_emb(ids)
 
     def embed_probs(self, p: torch.Tensor) -> torch.Tensor:
-        """p [B, L, V] -> E^T p [B, L, D] over the V code rows (Eq. 3)."""
-        return p @ self.backbone.tok_emb.weight[:self.V].to(p.dtype)
+        """p [B, L, V] or [B, L, V + 1] -> E^T p [B, L, D] over the code rows, and the [MASK] row
+        for the mask column (Eq. 3: the soft embedding of the distribution the logits define)."""
+        return p @ self.backbone.tok_emb.weight[:p.shape[-1]].to(p.dtype)
 
     def mask_embedding(self) -> torch.Tensor:
         """The [MASK] row of ``tok_emb``, [D]."""
@@ -87,10 +91,10 @@ class MaskGitTeacher:
 
     def forward_embeddings(self, net: nn.Module, e: torch.Tensor, cond: torch.Tensor,
                            layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run φ, θ or ψ from e [B, L, D] with labels cond [B] -> (logits [B, L, V] without the
-        mask column, hidden states [B, L, D] after each block in ``layers``)."""
+        """Run φ, θ or ψ from e [B, L, D] with labels cond [B] -> (logits [B, L, V + 1], or
+        [B, L, V] without ``mask_logit``; hidden states [B, L, D] after each block in ``layers``)."""
         logits, hidden = net.forward_embeddings(e, cond, layers)
-        return logits[..., :self.V], hidden
+        return logits[..., :self.V + int(self.mask_logit)], hidden
 
     def make_student(self) -> nn.Module:
         """A trainable copy of φ with ``tok_emb`` frozen (Table 5). The output head is tied to
@@ -125,7 +129,11 @@ class MaskGitTeacher:
         return self._to_unit(self.vqgan.decode_latents(z, self.grid_shape))
 
     def decode_probs(self, p: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Probabilities [B, L, V] -> images [B, 3, H, W] in [0, 1] from p @ codebook, differentiable."""
+        """Probabilities [B, L, V] (or [B, L, V + 1]) -> images [B, 3, H, W] in [0, 1] from
+        p @ codebook, differentiable. The VQGAN has no [MASK] code: a mask column is dropped and the
+        codes' share renormalised (ours; hard decoding clamps a sampled [MASK] to V − 1 instead)."""
+        if p.shape[-1] == self.V + 1:
+            p = p[..., :self.V] / p[..., :self.V].sum(-1, keepdim=True).clamp_min(1e-12)
         z = p @ self.vqgan.quantize.embedding.weight.to(p.dtype)
         return self._to_unit(self.vqgan.decode_latents(z, self.grid_shape))
 
@@ -239,7 +247,8 @@ def _options(options: dict, n_embed: int, downsampling: int) -> dict:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TeacherOptionError(f"teacher.options.{unknown[0]}",
-                                 f"unknown MaskGIT option; expected some of {', '.join(DEFAULTS)}")
+                                 f"unknown MaskGIT option; expected some of "
+                                 f"{', '.join(DEFAULTS)}, mask_logit")
     opts = {**DEFAULTS, **options}
     for name, value in opts.items():
         if value is None and DEFAULTS[name] is None:
@@ -288,6 +297,10 @@ def load(paths: dict[str, Path], options: dict, device) -> MaskGitTeacher:
     """Build MaskTransformer and VQGANDecoder from options and model.yaml, load both strictly."""
     n_embed, embed_dim, ddconfig = read_vqgan_config(paths["vqgan_config"])
     vqgan = VQGANDecoder(n_embed, embed_dim, ddconfig)
+    options = dict(options)
+    mask_logit = options.pop("mask_logit", True)
+    if not isinstance(mask_logit, bool):
+        raise TeacherOptionError("teacher.options.mask_logit", f"must be true or false, got {mask_logit!r}")
     opts = _options(options, n_embed, vqgan.downsampling)
     ckpt = _read_checkpoint(paths["vqgan"])
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -300,4 +313,4 @@ def load(paths: dict[str, Path], options: dict, device) -> MaskGitTeacher:
         raise StateDictMismatch(f"{paths['transformer']}: expected a dict with 'model_state_dict' "
                                 f"(MaskGIT v1 .pth)")
     load_strict(net, ckpt["model_state_dict"], str(paths["transformer"]))
-    return MaskGitTeacher(net.to(device), vqgan.to(device))
+    return MaskGitTeacher(net.to(device), vqgan.to(device), mask_logit)

@@ -1,7 +1,8 @@
 """The teacher protocol: the one boundary every masked-diffusion teacher crosses (ARCHITECTURE §3).
 
-Shapes: B batch, L token positions, V codes per position (the teacher's output classes, without a
-mask column), D input-embedding width, H×W image size. Images are float in [0, 1], [B, 3, H, W].
+Shapes: B batch, L token positions, V codes per position (the codebook), D input-embedding width,
+H×W image size. Logits are [B, L, V], or [B, L, V + 1] where the family keeps a [MASK] output
+column (MaskGit, Table 5); ``embed_probs`` and ``decode_probs`` take either width. Images are float in [0, 1], [B, 3, H, W].
 
 A condition ``cond`` is one tensor whose first dimension is the batch (class ids [B] for
 class-to-image, text features [B, T, C] for text-to-image), so that CFG can concatenate a
@@ -50,7 +51,7 @@ class Teacher(Protocol):
                            layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run ``net`` (φ, θ or ψ) from input embeddings e [B, L, D].
 
-        Returns logits [B, L, V] and the hidden states [B, feature_len, D_h] after each block in
+        Returns logits [B, L, V] (or [B, L, V + 1] with a mask column) and the hidden states [B, feature_len, D_h] after each block in
         ``layers`` (negative indices count from the last block).
         """
 

@@ -62,7 +62,7 @@ def test_inception_metrics_run_from_staged_files(c2i_checkpoint, tmp_path, monke
     folder.mkdir()
     for i, img in enumerate(ref):
         Image.fromarray(img).save(folder / f"{i:03d}.png")
-    fid = Evaluator(EvalSettings(metrics=["fid30k"], reference=str(folder), paths={"inception": str(weights)}))
+    fid = Evaluator(EvalSettings(metrics=["fid5k"], reference=str(folder), paths={"inception": str(weights)}))
     mu, sigma, feats = fid.reference()
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and feats.shape == (12, 2048)
     with pytest.raises(WeightsMissing, match="hps_v21"):

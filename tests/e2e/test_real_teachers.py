@@ -41,12 +41,16 @@ def overrides(family: str, paths: dict, options: dict, teacher, tmp_path: Path) 
     out = [f"teacher.paths={{{', '.join(f'{k}: {v}' for k, v in paths.items())}}}", *unused,
            f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.batch_size=2", "train.grid_size=4",
            "train.device=cpu", "train.checkpoint_every=1", "train.warmup_steps=0", "gan.layers=[0, -1]",
-           "gan.head_channels=8"]
+           "gan.head_channels=8", "gan.start_step=1"]    # the GAN term reaches θ at step 2
     if options:
         out.append(f"teacher.options={{{', '.join(f'{k}: {v}' for k, v in options.items())}}}")
     out.append(f"data.tokens={tmp_path / 'tokens.safetensors'}")
     if teacher.conditioning == "text":
         out.append(f"data.captions={tmp_path / 'prompts.txt'}")
+        # Di[M]O-loss prompts apart from the GAN's captions where the preset has them (MaskGen)
+        # (the fakes' precomputed text features cover PROMPTS only: one of them, on its own)
+        (tmp_path / "dimo_prompts.txt").write_text(PROMPTS[1] + "\n")
+        out.append(f"data.prompts={tmp_path / 'dimo_prompts.txt'}")
     return out
 
 

@@ -213,7 +213,7 @@ def test_summary_is_the_unweighted_mean_of_task_scores():
              "colors": [1, 1, 0, 0, 0, 0], "position": [0, 0, 0, 0], "color_attr": [1, 0]}
     for tag, flags in table.items():
         for k, f in enumerate(flags):   # two images per prompt
-            rows.append({"tag": tag, "prompt_id": f"{tag}{k // 2}", "correct": bool(f)})
+            rows.append({"tag": tag, "metadata": f"{tag}{k // 2}", "correct": bool(f)})
     s = summarise(rows)
     per_task = {"single_object": 1.0, "two_object": 0.25, "counting": 0.0, "colors": 1 / 3,
                 "position": 0.0, "color_attr": 0.5}
@@ -234,13 +234,18 @@ def test_evaluate_images_is_prompt_major_and_checks_the_count():
 
         def detect(self, image):
             return [det("dog", (0, 0, 4, 4))] if int(image[0, 0, 0]) > 100 else []
-    m = [meta("single_object", {"class": "dog", "count": 1})] * 2
+    m = [meta("single_object", {"class": "dog", "count": 1}), meta("colors", {"class": "dog", "count": 1})]
     images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     images[1] = 255
     rows = evaluate_images(m, images, 2, ByPixel(), None)
-    assert [(r["prompt_id"], r["correct"]) for r in rows] == \
-        [(0, False), (0, True), (1, False), (1, False)]
+    assert [(r["filename"], r["correct"]) for r in rows] == \
+        [("00000/samples/00000.png", False), ("00000/samples/00001.png", True),
+         ("00001/samples/00000.png", False), ("00001/samples/00001.png", False)]
     assert summarise(rows)["correct_prompts"] == 0.5
+    # the official summary_scores.py counts a prompt per distinct metadata line: twice the same
+    # line is one prompt
+    twice = evaluate_images([m[0], m[0]], images, 2, ByPixel(), None)
+    assert summarise(twice)["n_prompts"] == 1 and summarise(twice)["correct_prompts"] == 1.0
     with pytest.raises(ValueError, match="2 prompts"):
         evaluate_images(m, images[:3], 2, ByPixel(), None)
 

@@ -50,7 +50,7 @@ def stage(root: Path, preset: str) -> None:
             path.mkdir(parents=True, exist_ok=True)
 
 
-# Table 5: batch, steps, teacher CFG, r_init, divergence (β), temperature, schedule, GAN weight,
+# Table 5: batch, steps, teacher CFG, r_init, divergence (β), sampling temperature, schedule, GAN weight,
 # GAN mask range, heads, reward weight, learning rate
 TABLE5 = {
     "maskgit": (256, 30000, 2.0, [0.6], ("jeffreys", -0.2), 12.0, "arccos", 100.0, [0.0, 0.5], 4, 0.0, 1e-5),
@@ -68,7 +68,12 @@ def test_presets_carry_table_5(name, monkeypatch, tmp_path):
     batch, steps, cfg_w, r_init, (div, beta), temp, sched, gan_w, gan_range, heads, rew_w, lr = TABLE5[name]
     assert (cfg.train.batch_size, cfg.train.steps, cfg.dimo.teacher_cfg) == (batch, steps, cfg_w)
     assert cfg.generator.init_mask_ratio == r_init and (cfg.dimo.divergence, cfg.dimo.beta) == (div, beta)
-    assert cfg.generator.temperature == temp
+    # H.1: "All model temperatures are fixed to 1 during distillation"; Table 5's sampling
+    # temperature is the generation one, and the centre of the evaluation sweep (H.5)
+    assert cfg.generator.temperature == 1.0 and cfg.generator.eval_temperature == temp
+    sweep = cfg.generator.eval_temperatures
+    assert sorted(sweep) == list(sweep) and sweep[len(sweep) // 2] == temp and len(sweep) % 2 == 1
+    assert cfg.train.warmup_steps == 100                       # H.1: linear warm-up of 100 steps
     assert cfg.dimo.mask_schedule == cfg.dimo.aux_mask_schedule == sched
     assert cfg.gan.weight == gan_w and cfg.reward.weight == rew_w
     if gan_w:

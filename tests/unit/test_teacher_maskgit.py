@@ -50,15 +50,28 @@ def test_protocol_members_and_frozen(teacher):
     assert tuple(teacher.mask_embedding().shape) == (D,)
 
 
-def test_logits_and_feature_shapes_and_mask_column_dropped(teacher):
+def test_logits_keep_the_mask_column_as_table_5(teacher, saved):
+    """Table 5: MaskGit's output logits are [B, L, V + 1], "mask token included"; the Di[M]O code
+    takes its divergences and ψ's cross-entropy over all 1025 classes. mask_logit: false drops it."""
     ids, y = random_ids(), teacher.encode_condition(labels=torch.tensor([0, 4, 9]))
     logits, feats = teacher.forward_embeddings(teacher.backbone, teacher.embed_ids(ids), y, layers=(0, -1))
-    assert logits.shape == (3, L, K)
+    assert teacher.mask_logit and logits.shape == (3, L, K + 1)
     assert [f.shape for f in feats] == [(3, L, D), (3, L, D)]
-    # upstream's call returns K + 1 columns; the adapter keeps the first K (pitfall 1)
-    full = teacher.backbone(ids.view(3, 4, 4), y)
+    full = teacher.backbone(ids.view(3, 4, 4), y)          # upstream's call: K + 1 columns
     assert full.shape == (3, L, K + 1)
-    torch.testing.assert_close(logits, full[..., :K], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
+    paths, options = saved
+    without = load_teacher("maskgit", paths, {**options, "mask_logit": False}, "cpu")
+    short = without.forward_embeddings(without.backbone, without.embed_ids(ids), y)[0]
+    torch.testing.assert_close(short, full[..., :K], atol=1e-5, rtol=0)
+    with pytest.raises(TeacherOptionError, match="mask_logit"):
+        load_teacher("maskgit", paths, {**options, "mask_logit": 1}, "cpu")
+    # the soft embedding of the mask column is the [MASK] row; a soft decode drops its share
+    p = torch.softmax(logits, -1)
+    rows = teacher.backbone.tok_emb.weight[:K + 1]
+    torch.testing.assert_close(teacher.embed_probs(p), p @ rows)
+    codes = p[..., :K] / p[..., :K].sum(-1, keepdim=True)
+    torch.testing.assert_close(teacher.decode_probs(p), teacher.decode_probs(codes))
     # the last requested block's features differ from the first's
     assert not torch.allclose(feats[0], feats[1])
 
@@ -71,7 +84,7 @@ def test_dropped_label_is_the_null_class(teacher):
     assert torch.equal(y, y_before)                        # the labels are never written to
     mixed = torch.where(drop, teacher.null_condition(3), y)
     ours = teacher.forward_embeddings(teacher.backbone, teacher.embed_ids(ids), mixed)[0]
-    torch.testing.assert_close(ours, upstream[..., :K], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, upstream, atol=1e-5, rtol=0)
     assert teacher.null_condition(2).tolist() == [NCLASS, NCLASS]
     assert teacher.backbone.class_ids(teacher.null_condition(1)).item() == K + 1 + NCLASS
 
@@ -142,7 +155,7 @@ def test_student_trains_with_frozen_embedding(teacher):
     out = teacher.forward_embeddings(student, e, y, layers=(0,))
     torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=0)   # dropout 0 in the fake
     torch.testing.assert_close(out[1][0], ref[1][0], atol=1e-5, rtol=0)
-    F.cross_entropy(out[0].reshape(-1, K), ids.clamp(max=K - 1).reshape(-1)).backward()
+    F.cross_entropy(out[0].reshape(-1, K + 1), ids.reshape(-1)).backward()   # [MASK] is a class
     block = student.transformer.layers[0][0].fn.mha.in_proj_weight
     assert block.grad is not None and block.grad.abs().sum() > 0
     assert student.tok_emb.weight.grad is None
@@ -153,7 +166,7 @@ def test_load_round_trip_equals_the_saved_modules(teacher):
     net, vqgan = fake.build()
     ids, y = random_ids(), torch.tensor([0, 3, 9])
     with torch.no_grad():
-        saved = net(ids, y)[..., :K]
+        saved = net(ids, y)
     loaded = teacher.forward_embeddings(teacher.backbone, teacher.embed_ids(ids), y)[0]
     torch.testing.assert_close(loaded, saved, atol=1e-6, rtol=0)
     codes = random_ids(with_mask=False)

@@ -6,7 +6,7 @@ import torch
 from evaluators.weights import (WEIGHT_FILES, WEIGHTS_ENV, StateDictMismatch, WeightsMissing,
                                 expected_files, load_strict, resolve, set_offline_env)
 
-BRIEF_KEYS = {"inception", "adm_ref", "clip_g14", "hps_v2", "hps_v21", "pickscore",
+BRIEF_KEYS = {"inception", "clean_fid_inception", "adm_ref", "clip_g14", "hps_v2", "hps_v21", "pickscore",
               "pickscore_proc", "imagereward", "imagereward_med", "bert_vocab", "geneval_meta",
               "mask2former", "clip_l14"}
 
