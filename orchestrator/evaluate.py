@@ -80,12 +80,17 @@ def _targets(args) -> list[tuple[str, Path, str | None, int | None]]:
     from orchestrator.generate import find_checkpoint
     from trainers.checkpoint import read_meta
 
+    from orchestrator.layout import SweepLayout
+
     path = Path(args.target)
-    sweep_dir = path if (path / "sweep.json").is_file() else Path(args.output_dir) / args.target
-    if (sweep_dir / "sweep.json").is_file():
+    layout = SweepLayout(path)
+    if not layout.state.is_file():
+        layout = SweepLayout.of(args.output_dir, args.target)
+    sweep_dir = layout.root
+    if layout.state.is_file():
         out = []
-        for trial in json.loads((sweep_dir / "sweep.json").read_text())["trials"]:
-            result = sweep_dir / "trials" / trial["key"] / "result.json"
+        for trial in json.loads(layout.state.read_text())["trials"]:
+            result = layout.trial(trial["key"]).result
             if not result.is_file():
                 print(f"{trial['key']}: not finished, skipped")
                 continue

@@ -272,10 +272,11 @@ def test_asha_stops_trials_early_and_frees_their_resources(tmp_path, ray_session
 def test_evaluator_pool_requeues_the_checkpoint_of_a_dead_actor(tmp_path, ray_session, c2i_checkpoint):
     import ray
 
+    from evaluators.suite import EvalSettings
     from orchestrator.pool import EvalJob, EvaluatorPool
 
     got = []
-    pool = EvaluatorPool({"metrics": ["world_fid"], "num_images": 32}, size=1, num_cpus=0.5,
+    pool = EvaluatorPool(EvalSettings(metrics=["world_fid"], num_images=32), size=1, num_cpus=0.5,
                          on_result=lambda job, metrics: got.append((job.step, metrics)))
     first = pool.actors[0]
     pool.submit(EvalJob(trial="t000", run_id="r", step=2, checkpoint=str(c2i_checkpoint)))
