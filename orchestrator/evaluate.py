@@ -41,23 +41,34 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
+# Standalone evaluation scores more images than a sweep's per-checkpoint pool (EvalSettings.num_images)
+NUM_IMAGES = 2000
+
+
 def parser() -> argparse.ArgumentParser:
+    from evaluators.suite import EvalSettings
+
+    # the defaults are EvalSettings' (one place for them, shared with the sweep's evaluation section)
+    default = EvalSettings()
     p = argparse.ArgumentParser(prog="python -m orchestrator.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="?", help="checkpoint dir | run folder | sweep name or folder | MLflow run id")
-    p.add_argument("--metrics", default="world_fid", help="comma-separated metric names (see above)")
-    p.add_argument("--num", type=int, default=2000, help="images per metric without a fixed count")
+    p.add_argument("--metrics", default=",".join(default.metrics),
+                   help=f"comma-separated metric names (see above; default {','.join(default.metrics)})")
+    p.add_argument("--num", type=int, default=NUM_IMAGES,
+                   help=f"images per metric without a fixed count (default {NUM_IMAGES})")
     p.add_argument("--temperatures", default=None,
                    help="sampling temperatures; the best is reported (default: each run's "
                         "generator.eval_temperatures, else its eval_temperature; teachers: 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--geneval-prompts-per-task", type=int, default=8,
-                   help="GenEval-world prompts per task (six tasks, 4 images each; default 8)")
+    p.add_argument("--seed", type=int, default=default.seed)
+    p.add_argument("--geneval-prompts-per-task", type=int, default=default.geneval_prompts_per_task,
+                   help=f"GenEval-world prompts per task (six tasks, {default.images_per_prompt} images "
+                        f"each; default {default.geneval_prompts_per_task})")
     p.add_argument("--geneval-results", default=None, metavar="PATH",
                    help="geneval: also write the per-image results.jsonl (GenEval's official schema)")
     p.add_argument("--weights", nargs="*", default=[], metavar="KEY=PATH",
                    help="explicit weight paths, e.g. inception=/w/pt_inception.pth")
-    p.add_argument("--reference", default=None, help="FID reference npz (mu, sigma[, arr_0])")
+    p.add_argument("--reference", default=default.reference, help="FID reference npz (mu, sigma[, arr_0])")
     p.add_argument("--output-dir", default="runs/sweeps", help="where sweeps live (for a sweep name)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the sweeps' local store)")
     p.add_argument("--no-log", action="store_true", help="do not write results to MLflow")
