@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -72,7 +73,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/sweeps", help="where sweeps live (for a sweep name)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the sweeps' local store)")
     p.add_argument("--no-log", action="store_true", help="do not write results to MLflow")
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON to FILE")
+    # deprecated: --out names a folder in the other verbs (generate, tokenize, report)
+    p.add_argument("--out", dest="json_legacy", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--teacher", metavar="world_c2i|world_t2i|PRESET.yaml",
                    help="world-FID of a world teacher at several step counts instead")
@@ -80,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None,
                    help="teacher CFG weight (with --teacher; default 2 on the world, else the teacher's published one)")
     p.add_argument("--world", default="full", choices=("full", "test"), help="world (with --teacher)")
-    from orchestrator.generate import add_test_time_options
+    from orchestrator.cli_common import add_test_time_options
 
     add_test_time_options(p, lists=False)
     return p
@@ -88,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _targets(args) -> list[tuple[str, Path, str | None, int | None]]:
     """-> [(name, checkpoint dir, MLflow run id or None, step or None)]."""
-    from orchestrator.generate import find_checkpoint
+    from orchestrator.cli_common import find_checkpoint
     from trainers.checkpoint import read_meta
 
     from orchestrator.layout import SweepLayout
@@ -162,7 +166,7 @@ def _settings(args):
     if args.tteo:
         from dataclasses import asdict
 
-        from orchestrator.generate import test_time_settings
+        from orchestrator.cli_common import test_time_settings
 
         configs = test_time_settings(args)
         if len(configs) != 1:
@@ -190,11 +194,12 @@ def evaluate_checkpoints(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=True)
+        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=not args.quiet)
     except WeightsMissing as err:
         raise UserError(str(err)) from None
     rows = []
-    for name, ckpt, run_id, step in tqdm(targets, desc="checkpoints", disable=len(targets) < 2):
+    for name, ckpt, run_id, step in tqdm(targets, desc="checkpoints",
+                                          disable=len(targets) < 2 or args.quiet):
         try:
             metrics = evaluator.evaluate(ckpt)
         except WeightsMissing as err:
@@ -227,7 +232,7 @@ def evaluate_real_teacher(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     settings = _settings(args)
     try:
-        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=True)
+        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=not args.quiet)
     except WeightsMissing as err:
         raise UserError(str(err)) from None
     rows = []
@@ -272,15 +277,19 @@ def evaluate_teacher(args) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.json_legacy:
+        print("--out FILE is deprecated for evaluate (a folder in the other verbs); use --json FILE",
+              file=sys.stderr)
+        args.json = args.json or args.json_legacy
     if bool(args.target) == bool(args.teacher):
         raise UserError("give either a target (checkpoint, sweep or MLflow run) or --teacher")
     if args.teacher and args.teacher not in ("world_c2i", "world_t2i"):
         rows = evaluate_real_teacher(args)
     else:
         rows = evaluate_teacher(args) if args.teacher else evaluate_checkpoints(args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"num": args.num, "seed": args.seed, "rows": rows}, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"num": args.num, "seed": args.seed, "rows": rows}, indent=2))
     return 0
 
 

@@ -179,6 +179,10 @@ def load_trials(uri: str, parent_id: str) -> list[Trial]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m orchestrator.report",
         description="Plot every metric of a sweep's trials against training step (one PNG per "
@@ -195,7 +199,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "loss/dimo,ema/entropy (default: all logged except images_seen)")
     p.add_argument("--out", type=Path, help="report folder (default: <output-dir>/<sweep>/report, "
                    "or ./report_<run id> when there is no sweep folder)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,7 +80,7 @@ def train_worker(loop_config: dict) -> None:
     _setup_device(sweep.scaling.use_gpu, sweep.scaling.threads_per_worker)
     cfg = from_dict(loop_config["config"], f"trial {key}")
     resolved = loop_config["config"]
-    from orchestrator.train import reward_factory
+    from evaluators.suite import reward_factory
 
     ctx = build_context(cfg, progress=False, reward_factory=reward_factory)
     evaluation = sweep.evaluation
