@@ -26,7 +26,7 @@ def _student(args, device):
     from trainers.state import build_context
 
     if args.checkpoint:
-        from orchestrator.generate import find_checkpoint
+        from orchestrator.cli_common import find_checkpoint
 
         return load_student(find_checkpoint(args.checkpoint), device)
     preset = Path(__file__).resolve().parents[1] / "sweeps/presets/tiny_t2i.yaml"

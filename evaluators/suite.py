@@ -81,6 +81,16 @@ class EvalSettings:
     test_time: Optional[dict] = None        # TestTime fields: also score TEST_TIME_METRICS with it
 
 
+def reward_factory(name: str, device):
+    """A differentiable real-network reward (HPS, PickScore, ImageReward) from staged weights: the
+    ``reward_factory`` that training (trainers.state.build_context) and test-time scaling take."""
+    from evaluators.scorers import make_scorer
+    from evaluators.weights import set_offline_env
+
+    set_offline_env()
+    return make_scorer(name, device=device)
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -41,27 +42,41 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
+# Standalone evaluation scores more images than a sweep's per-checkpoint pool (EvalSettings.num_images)
+NUM_IMAGES = 2000
+
+
 def parser() -> argparse.ArgumentParser:
+    from evaluators.suite import EvalSettings
+
+    # the defaults are EvalSettings' (one place for them, shared with the sweep's evaluation section)
+    default = EvalSettings()
     p = argparse.ArgumentParser(prog="python -m orchestrator.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="?", help="checkpoint dir | run folder | sweep name or folder | MLflow run id")
-    p.add_argument("--metrics", default="world_fid", help="comma-separated metric names (see above)")
-    p.add_argument("--num", type=int, default=2000, help="images per metric without a fixed count")
+    p.add_argument("--metrics", default=",".join(default.metrics),
+                   help=f"comma-separated metric names (see above; default {','.join(default.metrics)})")
+    p.add_argument("--num", type=int, default=NUM_IMAGES,
+                   help=f"images per metric without a fixed count (default {NUM_IMAGES})")
     p.add_argument("--temperatures", default=None,
                    help="sampling temperatures; the best is reported (default: each run's "
                         "generator.eval_temperatures, else its eval_temperature; teachers: 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--geneval-prompts-per-task", type=int, default=8,
-                   help="GenEval-world prompts per task (six tasks, 4 images each; default 8)")
+    p.add_argument("--seed", type=int, default=default.seed)
+    p.add_argument("--geneval-prompts-per-task", type=int, default=default.geneval_prompts_per_task,
+                   help=f"GenEval-world prompts per task (six tasks, {default.images_per_prompt} images "
+                        f"each; default {default.geneval_prompts_per_task})")
     p.add_argument("--geneval-results", default=None, metavar="PATH",
                    help="geneval: also write the per-image results.jsonl (GenEval's official schema)")
     p.add_argument("--weights", nargs="*", default=[], metavar="KEY=PATH",
                    help="explicit weight paths, e.g. inception=/w/pt_inception.pth")
-    p.add_argument("--reference", default=None, help="FID reference npz (mu, sigma[, arr_0])")
+    p.add_argument("--reference", default=default.reference, help="FID reference npz (mu, sigma[, arr_0])")
     p.add_argument("--output-dir", default="runs/sweeps", help="where sweeps live (for a sweep name)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the sweeps' local store)")
     p.add_argument("--no-log", action="store_true", help="do not write results to MLflow")
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON to FILE")
+    # deprecated: --out names a folder in the other verbs (generate, tokenize, report)
+    p.add_argument("--out", dest="json_legacy", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--teacher", metavar="world_c2i|world_t2i|PRESET.yaml",
                    help="world-FID of a world teacher at several step counts instead")
@@ -69,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None,
                    help="teacher CFG weight (with --teacher; default 2 on the world, else the teacher's published one)")
     p.add_argument("--world", default="full", choices=("full", "test"), help="world (with --teacher)")
-    from orchestrator.generate import add_test_time_options
+    from orchestrator.cli_common import add_test_time_options
 
     add_test_time_options(p, lists=False)
     return p
@@ -77,15 +92,20 @@ def parser() -> argparse.ArgumentParser:
 
 def _targets(args) -> list[tuple[str, Path, str | None, int | None]]:
     """-> [(name, checkpoint dir, MLflow run id or None, step or None)]."""
-    from orchestrator.generate import find_checkpoint
+    from orchestrator.cli_common import find_checkpoint
     from trainers.checkpoint import read_meta
 
+    from orchestrator.layout import SweepLayout
+
     path = Path(args.target)
-    sweep_dir = path if (path / "sweep.json").is_file() else Path(args.output_dir) / args.target
-    if (sweep_dir / "sweep.json").is_file():
+    layout = SweepLayout(path)
+    if not layout.state.is_file():
+        layout = SweepLayout.of(args.output_dir, args.target)
+    sweep_dir = layout.root
+    if layout.state.is_file():
         out = []
-        for trial in json.loads((sweep_dir / "sweep.json").read_text())["trials"]:
-            result = sweep_dir / "trials" / trial["key"] / "result.json"
+        for trial in json.loads(layout.state.read_text())["trials"]:
+            result = layout.trial(trial["key"]).result
             if not result.is_file():
                 print(f"{trial['key']}: not finished, skipped")
                 continue
@@ -146,7 +166,7 @@ def _settings(args):
     if args.tteo:
         from dataclasses import asdict
 
-        from orchestrator.generate import test_time_settings
+        from orchestrator.cli_common import test_time_settings
 
         configs = test_time_settings(args)
         if len(configs) != 1:
@@ -174,11 +194,12 @@ def evaluate_checkpoints(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=True)
+        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=not args.quiet)
     except WeightsMissing as err:
         raise UserError(str(err)) from None
     rows = []
-    for name, ckpt, run_id, step in tqdm(targets, desc="checkpoints", disable=len(targets) < 2):
+    for name, ckpt, run_id, step in tqdm(targets, desc="checkpoints",
+                                          disable=len(targets) < 2 or args.quiet):
         try:
             metrics = evaluator.evaluate(ckpt)
         except WeightsMissing as err:
@@ -211,7 +232,7 @@ def evaluate_real_teacher(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     settings = _settings(args)
     try:
-        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=True)
+        evaluator = Evaluator(settings, device=resolve_device("auto"), progress=not args.quiet)
     except WeightsMissing as err:
         raise UserError(str(err)) from None
     rows = []
@@ -256,15 +277,19 @@ def evaluate_teacher(args) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.json_legacy:
+        print("--out FILE is deprecated for evaluate (a folder in the other verbs); use --json FILE",
+              file=sys.stderr)
+        args.json = args.json or args.json_legacy
     if bool(args.target) == bool(args.teacher):
         raise UserError("give either a target (checkpoint, sweep or MLflow run) or --teacher")
     if args.teacher and args.teacher not in ("world_c2i", "world_t2i"):
         rows = evaluate_real_teacher(args)
     else:
         rows = evaluate_teacher(args) if args.teacher else evaluate_checkpoints(args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"num": args.num, "seed": args.seed, "rows": rows}, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"num": args.num, "seed": args.seed, "rows": rows}, indent=2))
     return 0
 
 

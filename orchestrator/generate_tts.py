@@ -60,7 +60,7 @@ def run_configs(args, configs: list, path: Path, meta: dict, cfg, ctx, net, prom
     from evaluators.suite import Student
     from evaluators.test_time import generate_scaled, label
     from evaluators.weights import WeightsMissing
-    from orchestrator.train import reward_factory
+    from evaluators.suite import reward_factory
     from trainers.config import ConfigValueError
 
     track = "c2i" if ctx.teacher.conditioning == "class" else "t2i"
@@ -72,7 +72,7 @@ def run_configs(args, configs: list, path: Path, meta: dict, cfg, ctx, net, prom
         folder = out if len(configs) == 1 else out / name
         try:
             run = generate_scaled(student, prompts, tt, seed=args.seed, device=ctx.device,
-                                progress=True, reward_factory=reward_factory)
+                                progress=not args.quiet, reward_factory=reward_factory)
         except WeightsMissing as err:
             raise UserError(f"--rewards/--select: {err}") from None
         except ConfigValueError as err:

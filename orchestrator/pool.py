@@ -24,16 +24,16 @@ log = logging.getLogger(__name__)
 class EvaluatorActor:
     """One resident evaluator (scorer networks loaded once)."""
 
-    def __init__(self, settings: dict, threads: int):
+    def __init__(self, settings, threads: int):
         import torch
 
-        from evaluators.suite import EvalSettings, Evaluator
+        from evaluators.suite import Evaluator
         from evaluators.weights import set_offline_env
 
         set_offline_env()
         torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.evaluator = Evaluator(EvalSettings(**settings), device=device)
+        self.evaluator = Evaluator(settings, device=device)
 
     def evaluate(self, checkpoint: str) -> dict:
         from trainers.checkpoint import verify_checkpoint
@@ -55,7 +55,7 @@ class EvalJob:
 class EvaluatorPool:
     """N actors, a FIFO of jobs, re-queue on actor death. Driver-side; not thread-safe."""
 
-    settings: dict
+    settings: object                  # evaluators.suite.EvalSettings (each actor's Evaluator)
     size: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from orchestrator import tracking
 from orchestrator.config import UserError, run_cli
+from orchestrator.layout import SweepLayout
 
 SKIPPED = ("images_seen",)                  # a counter, not a result: not plotted by default
 LOWER_IS_BETTER = ("fid", "loss", "error")  # best value of an eval/ metric is its min, else max
@@ -152,7 +153,7 @@ def resolve_uri(sweep: str, output_dir: Path, tracking_uri: str | None) -> str:
     """--tracking-uri, else the sweep's recorded tracking_uri, else the local store's SQLite file."""
     if tracking_uri:
         return tracking_uri
-    spec = output_dir / sweep / "sweep.json"
+    spec = SweepLayout.of(output_dir, sweep).state
     if spec.is_file():
         try:
             recorded = json.loads(spec.read_text()).get("tracking_uri")
@@ -178,6 +179,10 @@ def load_trials(uri: str, parent_id: str) -> list[Trial]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m orchestrator.report",
         description="Plot every metric of a sweep's trials against training step (one PNG per "
@@ -194,7 +199,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "loss/dimo,ema/entropy (default: all logged except images_seen)")
     p.add_argument("--out", type=Path, help="report folder (default: <output-dir>/<sweep>/report, "
                    "or ./report_<run id> when there is no sweep folder)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,12 +27,13 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 from orchestrator.config import UserError, run_cli
+from orchestrator.layout import SweepLayout
 from orchestrator.sweep_config import SweepSpec, check_eval_weights, format_dry_run, load_sweep
+from orchestrator.sweep_schema import eval_settings
 
 TABLE_METRICS = ("eval/world_fid", "eval/world_clip", "eval/geneval_world", "eval/fid5k", "eval/fid50k",
                  "eval/is", "eval/clip", "eval/hps_v21", "eval/imagereward", "eval/temperature",
@@ -79,16 +80,12 @@ def prepare_worlds(spec: SweepSpec, progress: bool) -> None:
         load_world(name, cache, build_if_missing=True, progress=progress, needs=sorted(components))
 
 
-MARKER = ".softdimo-sweep"          # in every sweep folder: --overwrite deletes only such folders
-SERVER_FILE = "mlflow_server.json"  # the running sweep's MLflow server (address, watchdog pid)
-
-
 def _lock(spec: SweepSpec) -> Path:
     """Hold <output_dir>/.<name>.lock while this driver runs (orchestrator.locks)."""
     from orchestrator import locks
 
     root = locks.writable_dir(Path(spec.file.output_dir), f"{spec.source}: output_dir")
-    lock = root / f".{spec.file.name}.lock"
+    lock = SweepLayout.lock_file(root, spec.file.name)
     locks.acquire(lock, f"{spec.source}: sweep {spec.file.name}")
     return lock
 
@@ -102,7 +99,8 @@ def _remove(path: Path) -> None:
 
 
 def _check_folder(spec: SweepSpec, args) -> None:
-    state = spec.sweep_dir / "sweep.json"
+    layout = spec.layout
+    state = layout.state
     if args.resume:
         if not state.is_file():
             raise UserError(f"{spec.source}: --resume: no earlier sweep in {spec.sweep_dir}")
@@ -120,9 +118,9 @@ def _check_folder(spec: SweepSpec, args) -> None:
         if not args.overwrite:
             raise UserError(f"{spec.source}: name: {spec.sweep_dir} already exists; use --resume "
                             "to continue it, --overwrite to start again, or another name")
-        if spec.sweep_dir.is_symlink() or not (spec.sweep_dir / MARKER).is_file():
+        if spec.sweep_dir.is_symlink() or not layout.marker.is_file():
             raise UserError(f"{spec.source}: --overwrite: {spec.sweep_dir} was not made by a sweep "
-                            f"(no {MARKER} file in it) and is left alone; use another name")
+                            f"(no {layout.MARKER} file in it) and is left alone; use another name")
         shutil.rmtree(spec.sweep_dir)
 
 
@@ -252,6 +250,22 @@ def plan_resources(spec: SweepSpec, total: dict) -> tuple[int, float, int]:
     return (min(wanted, fits) if wanted else fits), per_worker, threads
 
 
+def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
+                  cpus_per_worker: float, threads_per_worker: int):
+    """The frozen context every trial and the evaluator pool get (CPU share from plan_resources)."""
+    from orchestrator.layout import EvalPlan, SweepContext, TrialScaling
+
+    sc, ev = spec.file.scaling, spec.file.evaluation
+    return SweepContext(
+        name=spec.file.name, layout=spec.layout, tracking_uri=uri, experiment_id=experiment_id,
+        parent_id=parent_id, max_failures=spec.file.failure.max_failures,
+        scaling=TrialScaling(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                             cpus_per_worker=cpus_per_worker, gpus_per_worker=sc.gpus_per_worker,
+                             threads_per_worker=threads_per_worker),
+        evaluation=EvalPlan(settings=eval_settings(ev), every_images=ev.every_images, actors=ev.actors,
+                            cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor))
+
+
 def run_sweep(spec: SweepSpec, args) -> int:
     import ray
     from ray import tune
@@ -260,28 +274,23 @@ def run_sweep(spec: SweepSpec, args) -> int:
     from orchestrator.pg_cleanup import OrphanGroupCleaner
     from orchestrator.pool import EvalDispatch
     from orchestrator.sweep_eval import finish_pool, latest_eval, start_pool
-    from orchestrator.trial import RESULT, train_driver, trial_dir
+    from orchestrator.trial import train_driver
 
     progress = not args.quiet
-    spec.sweep_dir.mkdir(parents=True, exist_ok=True)
-    (spec.sweep_dir / MARKER).touch()
+    layout = spec.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.marker.touch()
     uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec)
     if server is not None:
-        (spec.sweep_dir / SERVER_FILE).write_text(json.dumps(
+        layout.server.write_text(json.dumps(
             {"uri": server.uri, "store": str(server.store), "watchdog_pid": server.process.pid,
              "driver_pid": os.getpid()}, indent=2))
     try:
         state = spec.to_json()
         state["tracking_uri"] = read_uri
-        (spec.sweep_dir / "sweep.json").write_text(json.dumps(state, indent=2))
-        parent = tracking.Tracker(uri, parent_id, spec.sweep_dir / "parent_spool.jsonl")
-        parent.log_text(json.dumps(state, indent=2), "sweep.json")
-        sweep_ctx = {
-            "name": spec.file.name, "sweep_dir": str(spec.sweep_dir), "tracking_uri": uri,
-            "experiment_id": experiment_id, "parent_id": parent_id,
-            "scaling": dict(vars(spec.file.scaling)), "max_failures": spec.file.failure.max_failures,
-            "evaluation": asdict(spec.file.evaluation),
-        }
+        layout.state.write_text(json.dumps(state, indent=2))
+        parent = tracking.Tracker(uri, parent_id, layout.parent_spool)
+        parent.log_text(json.dumps(state, indent=2), layout.STATE)
         address = args.address or os.environ.get("RAY_ADDRESS")
         # eval/* metrics arrive only at evaluation steps; Tune must not fail the other reports
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -294,16 +303,16 @@ def run_sweep(spec: SweepSpec, args) -> int:
             ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                      include_dashboard=True)   # Train's placement-group cleaner needs the State API
         concurrent, per_worker, threads = plan_resources(spec, ray.cluster_resources())
-        sweep_ctx["scaling"].update(cpus_per_worker=per_worker, threads_per_worker=threads)
+        sweep_ctx = sweep_context(spec, uri, experiment_id, parent_id, per_worker, threads)
         if progress:
             print(f"{spec.file.name}: up to {concurrent} trial(s) at once, each worker "
                   f"{per_worker:g} CPU and {threads} thread(s)", flush=True)
         pool = start_pool(sweep_ctx)
         trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
                                         {"CPU": DRIVER_CPU})
-        tune_dir = spec.sweep_dir / "tune"
+        tune_dir = layout.tune
         run_config = tune.RunConfig(
-            name="tune", storage_path=str(spec.sweep_dir),
+            name=layout.TUNE, storage_path=str(layout.root),
             failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
             progress_reporter=_reporter(spec), verbose=1 if progress else 0,
             callbacks=[EvalDispatch(spec.file.name), OrphanGroupCleaner()])
@@ -314,7 +323,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
         _remove(tune_dir)
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([_trial_json(t) for t in spec.trials])},
+            param_space={"trial": tune.grid_search([t.spec().to_json() for t in spec.trials])},
             tune_config=tune.TuneConfig(
                 scheduler=_scheduler(spec),
                 max_concurrent_trials=concurrent,
@@ -326,7 +335,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
         rows = []
         for result in grid:
             trial = result.config["trial"]
-            done = trial_dir(sweep_ctx, trial["key"]) / RESULT
+            done = layout.trial(trial["key"]).result
             metrics = json.loads(done.read_text()) if done.is_file() else (result.metrics or {})
             metrics = {**metrics, **latest_eval(sweep_ctx, trial["key"])}
             status = "ERROR" if result.error else ("DONE" if done.is_file() else "STOPPED")
@@ -351,7 +360,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
     finally:
         if server is not None:
             server.stop()
-            (spec.sweep_dir / SERVER_FILE).unlink(missing_ok=True)
+            layout.server.unlink(missing_ok=True)
     if server is not None:
         print(f"\nMLflow store: {read_uri}\nto compare the runs: {tracking.ui_command(server.store)}"
               "\n  then open http://127.0.0.1:5000")
@@ -361,14 +370,14 @@ def run_sweep(spec: SweepSpec, args) -> int:
     return 1 if failed else 0
 
 
-def _replay_spools(spec: SweepSpec, uri: str, parent_id: str, sweep_ctx: dict) -> None:
+def _replay_spools(spec: SweepSpec, uri: str, parent_id: str, sweep_ctx) -> None:
     """Send what trials spooled while MLflow was unreachable and could not replay themselves."""
     from orchestrator import tracking
-    from orchestrator.trial import trial_dir
 
     runs = None
     for trial in spec.trials:
-        spools = [trial_dir(sweep_ctx, trial.key) / n for n in ("spool.jsonl", "eval_spool.jsonl")]
+        files = sweep_ctx.trial(trial.key)
+        spools = [files.spool, files.eval_spool]
         spools = [p for p in spools if p.is_file()]
         if not spools:
             continue
@@ -391,10 +400,6 @@ def _close_stopped(rows: list[dict], uri: str, parent_id: str) -> None:
         # a stop interrupts the trial's Train run, which may already have marked it FAILED
         if run.data.tags.get(tracking.TAG_TRIAL) in stopped and run.info.status != "KILLED":
             tracking.finish_run(uri, run.info.run_id, "KILLED")
-
-
-def _trial_json(trial) -> dict:
-    return {"key": trial.key, "label": trial.label, "overrides": trial.overrides, "config": trial.config}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from evaluators.suite import METRICS, TEST_TIME_METRICS
 from orchestrator.config import (UserError, assign, check_files, key_problem, load_yaml, merge_checked,
                                  parse_value, split_override, to_dict, validated)
 from softdimo.teachers import TeacherFilesMissing
+from orchestrator.layout import SweepLayout
 from orchestrator.sweep_schema import SweepFile, SweepSpec, Trial
 from trainers.config import Config, ConfigValueError, check_test_time, check_values
 
@@ -323,7 +324,7 @@ class _Layers:
             got = OmegaConf.select(cfg, name)
             chosen[name] = OmegaConf.to_container(got) if isinstance(got, (DictConfig, ListConfig)) else got
         cache = cfg.world.cache_dir
-        OmegaConf.update(cfg, "output_dir", str(Path(self.file.output_dir) / self.file.name / "trials" / key))
+        OmegaConf.update(cfg, "output_dir", str(SweepLayout.of(self.file.output_dir, self.file.name).trial(key).root))
         OmegaConf.update(cfg, "world.cache_dir", None if cache is None else str(_absolute(cache, self.cwd)))
         OmegaConf.update(cfg, "train.device", "cuda" if self.file.scaling.use_gpu else "cpu")
         obj = OmegaConf.to_object(cfg)

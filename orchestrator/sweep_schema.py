@@ -4,12 +4,14 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from evaluators.suite import EvalSettings
+from orchestrator.layout import SweepLayout, TrialSpec
 from trainers.config import TestTime
 
 
@@ -40,23 +42,52 @@ class TrackingSection:
     experiment: str = "softdimo"
 
 
+_EVAL = EvalSettings()      # the evaluation defaults live in evaluators.suite.EvalSettings alone
+
+
 @dataclass
 class EvaluationSection:
-    """The evaluator pool: which metrics, on which checkpoints, with how many resident actors."""
-    metrics: List[str] = field(default_factory=lambda: ["world_fid"])
-    num_images: int = 500
+    """The evaluator pool: which metrics, on which checkpoints, with how many resident actors.
+
+    The fields shared with ``evaluators.suite.EvalSettings`` take its defaults (``eval_settings``
+    maps a section onto it); only the pool's own fields have their defaults here.
+    """
+    metrics: List[str] = field(default_factory=lambda: list(_EVAL.metrics))
+    num_images: int = _EVAL.num_images
     every_images: int = 0                # 0: the final checkpoint only; else also every N images
-    temperatures: List[float] = field(default_factory=lambda: [1.0])   # the best one is reported
-    seed: int = 0
+    temperatures: List[float] = field(default_factory=lambda: list(_EVAL.temperatures))   # the best one is reported
+    seed: int = _EVAL.seed
     actors: int = 1
     cpus_per_actor: float = 0.5          # logical CPUs; leaves a 2-core machine room for a trial
     gpus_per_actor: float = 0.0
-    reference: Optional[str] = None      # FID reference npz (mu, sigma[, arr_0]); default the ADM batch
-    geneval_prompts_per_task: int = 8    # GenEval-world: prompts per task (six tasks)
-    images_per_prompt: int = 4           # GenEval and GenEval-world: images per prompt
+    reference: Optional[str] = _EVAL.reference   # FID reference npz (mu, sigma[, arr_0]); default the ADM batch
+    geneval_prompts_per_task: int = _EVAL.geneval_prompts_per_task   # GenEval-world: prompts per task (six tasks)
+    images_per_prompt: int = _EVAL.images_per_prompt   # GenEval and GenEval-world: images per prompt
     weights: Dict[str, str] = field(default_factory=dict)   # weights key -> explicit local path
     # Best-of-N / TTEO: prompt-based metrics are also reported as eval/tts/<metric> (text-to-image)
     test_time: Optional[TestTime] = None
+
+
+# EvaluationSection field -> EvalSettings field where the names differ (the sweep file says weights)
+_RENAMED = {"weights": "paths"}
+_POOL_ONLY = ("every_images", "actors", "cpus_per_actor", "gpus_per_actor")
+
+
+def eval_settings(section: EvaluationSection) -> EvalSettings:
+    """The evaluators.suite.EvalSettings a sweep's evaluation section asks each evaluator for."""
+    values = {}
+    for f in fields(EvaluationSection):
+        if f.name in _POOL_ONLY:
+            continue
+        value = getattr(section, f.name)
+        if isinstance(value, (list, tuple)):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        elif f.name == "test_time" and value is not None:
+            value = asdict(value)
+        values[_RENAMED.get(f.name, f.name)] = value
+    return EvalSettings(**values)
 
 
 @dataclass
@@ -86,6 +117,10 @@ class Trial:
     label: str                           # "gan.mask_range=[0.0, 0.5] seed=1", or "base"
     config: dict                         # the full resolved, validated training config
 
+    def spec(self) -> TrialSpec:
+        """What is sent to Ray for this trial (frozen)."""
+        return TrialSpec(key=self.key, label=self.label, overrides=self.overrides, config=self.config)
+
 
 @dataclass
 class SweepSpec:
@@ -95,8 +130,12 @@ class SweepSpec:
     trials: List[Trial]
 
     @property
+    def layout(self) -> SweepLayout:
+        return SweepLayout.of(self.file.output_dir, self.file.name)
+
+    @property
     def sweep_dir(self) -> Path:
-        return Path(self.file.output_dir) / self.file.name
+        return self.layout.root
 
     def to_json(self) -> dict:
         return {"source": self.source, "name": self.file.name, "sweep_dir": str(self.sweep_dir),

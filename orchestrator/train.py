@@ -33,15 +33,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def reward_factory(name: str, device):
-    """A differentiable real-network reward (HPS, PickScore, ImageReward) from staged weights."""
-    from evaluators.scorers import make_scorer
-    from evaluators.weights import set_offline_env
-
-    set_offline_env()
-    return make_scorer(name, device=device)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -65,6 +56,7 @@ def _run(args, cfg) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     resolved = to_dict(cfg)
+    from evaluators.suite import reward_factory
     from evaluators.weights import WeightsMissing
     from softdimo.checkpoints import WeightsFileError
     from trainers.state import build_context

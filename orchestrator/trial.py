@@ -24,19 +24,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
-
-RESULT = "result.json"        # a finished trial's final metrics (its presence means: do not rerun)
-FAILURE = "failure.json"      # written by rank 0 when the loss became non-finite
-FINAL = "final.json"          # rank 0's final metrics, read back by the driver
-ATTEMPTS = "attempts.jsonl"   # one line per (re)start of the worker group: pid, start step
+from orchestrator.layout import SweepContext, TrialSpec
 
 
 class TrialError(RuntimeError):
     """A trial that cannot succeed as configured (non-finite loss, exhausted restarts)."""
-
-
-def trial_dir(sweep: dict, key: str) -> Path:
-    return Path(sweep["sweep_dir"]) / "trials" / key
 
 
 def _append_json(path: Path, record: dict) -> None:
@@ -82,35 +74,36 @@ def train_worker(loop_config: dict) -> None:
     # trial table and MLflow show those already
     for name in ("", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    sweep, key = loop_config["sweep"], loop_config["key"]
-    tdir = trial_dir(sweep, key)
-    _setup_device(sweep["scaling"]["use_gpu"], sweep["scaling"]["threads_per_worker"])
+    sweep: SweepContext = loop_config["sweep"]
+    key = loop_config["key"]
+    files = sweep.trial(key)
+    _setup_device(sweep.scaling.use_gpu, sweep.scaling.threads_per_worker)
     cfg = from_dict(loop_config["config"], f"trial {key}")
     resolved = loop_config["config"]
-    from orchestrator.train import reward_factory
+    from evaluators.suite import reward_factory
 
     ctx = build_context(cfg, progress=False, reward_factory=reward_factory)
-    evaluation = sweep["evaluation"]
+    evaluation = sweep.evaluation
     tracker = None
     if rank == 0:
-        tracker = tracking.Tracker(sweep["tracking_uri"], loop_config["run_id"], tdir / "spool.jsonl")
+        tracker = tracking.Tracker(sweep.tracking_uri, loop_config["run_id"], files.spool)
     last_eval = {"images": 0}
 
     def report(step: int, metrics: dict, saved: Path | None) -> None:
         metrics = {**metrics, "step": step}
-        if saved is not None and evaluation["metrics"] and evaluation["num_images"]:
-            every = evaluation["every_images"]
+        if saved is not None and evaluation.enabled:
+            every = evaluation.every_images
             due = step == cfg.train.steps or (every and metrics["images_seen"] - last_eval["images"] >= every)
             if due:
                 # the EMA weights and meta of this step, kept for the evaluator pool (Ray moves
                 # and prunes the full checkpoint); the sweep's Tune callback submits it
-                metrics["eval_checkpoint"] = str(snapshot(saved, tdir / "eval" / saved.name))
+                metrics["eval_checkpoint"] = str(snapshot(saved, files.snapshot(saved.name)))
                 metrics["mlflow_run_id"] = loop_config["run_id"]
                 last_eval["images"] = metrics["images_seen"]
         checkpoint = None
         if saved is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(saved))
-            tracker.set_tags({"checkpoint.last": str(Path(sweep["sweep_dir"]) / "train" / key / saved.name)})
+            tracker.set_tags({"checkpoint.last": str(sweep.layout.train / key / saved.name)})
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=saved.name if saved is not None else None,
                          delete_local_checkpoint_after_upload=True if saved is not None else None)
@@ -127,19 +120,19 @@ def train_worker(loop_config: dict) -> None:
         if restored is None:
             start = 0
             if rank == 0:
-                _append_json(tdir / ATTEMPTS, {"pid": os.getpid(), "start_step": 0, "time": time.time()})
+                _append_json(files.attempts, {"pid": os.getpid(), "start_step": 0, "time": time.time()})
             result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False)
         else:
             start = int(read_meta(restored)["step"])
             if rank == 0:
-                _append_json(tdir / ATTEMPTS, {"pid": os.getpid(), "start_step": start,
+                _append_json(files.attempts, {"pid": os.getpid(), "start_step": start,
                                                "time": time.time()})
             result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False, resume_from=restored)
     except FloatingPointError as err:
         # Retrying a deterministic run would only reproduce the NaN: record it, end cleanly, and
         # let the driver fail the trial. No checkpoint was written for the bad step.
         if rank == 0:
-            (tdir / FAILURE).write_text(json.dumps({"error": str(err)}))
+            files.failure.write_text(json.dumps({"error": str(err)}))
             tracker.set_tags({"error": str(err)})
             tracker.close()
         return
@@ -151,7 +144,7 @@ def train_worker(loop_config: dict) -> None:
             staging.rmdir()
         if "ddp/max_param_spread" in final:
             tracker.log_metrics(result.step, {"ddp/max_param_spread": final["ddp/max_param_spread"]})
-        (tdir / FINAL).write_text(json.dumps(final, indent=2, sort_keys=True))
+        files.final.write_text(json.dumps(final, indent=2, sort_keys=True))
         tracker.close()
 
 
@@ -166,85 +159,84 @@ def _verified(restored: "ray.train.Checkpoint") -> Path | None:
     return newest_good(found)
 
 
-def _run_name(trial: dict) -> str:
-    return f"{trial['key']} {trial['label']}"
+def _run_name(trial: TrialSpec) -> str:
+    return f"{trial.key} {trial.label}"
 
 
-def _params(trial: dict, sweep: dict) -> dict:
-    scaling = sweep["scaling"]
-    params = tracking.flatten_params(trial["config"])
+def _params(trial: TrialSpec, sweep: SweepContext) -> dict:
+    params = tracking.flatten_params(trial.config)
     # the searched keys as written in the sweep file, so that e.g. reward.terms.1.weight is a column
-    params.update({key: str(value) for key, value in trial["overrides"].items()})
-    params["scaling.num_workers"] = str(scaling["num_workers"])
-    params["train.global_batch_size"] = str(trial["config"]["train"]["batch_size"] * scaling["num_workers"])
+    params.update({key: str(value) for key, value in trial.overrides.items()})
+    params["scaling.num_workers"] = str(sweep.scaling.num_workers)
+    params["train.global_batch_size"] = str(trial.config["train"]["batch_size"] * sweep.scaling.num_workers)
     return params
 
 
-def _trainer(trial: dict, sweep: dict, run_id: str) -> TorchTrainer:
-    scaling = sweep["scaling"]
-    resources = {"CPU": scaling["cpus_per_worker"]}
-    if scaling["use_gpu"]:
-        resources["GPU"] = scaling["gpus_per_worker"]
+def _trainer(trial: TrialSpec, sweep: SweepContext, run_id: str) -> TorchTrainer:
+    scaling = sweep.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         train_worker,
-        train_loop_config={"sweep": sweep, "key": trial["key"], "config": trial["config"],
+        train_loop_config={"sweep": sweep, "key": trial.key, "config": trial.config,
                            "run_id": run_id},
-        torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling["num_workers"],
-                                               use_gpu=scaling["use_gpu"],
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers,
+                                               use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=trial["key"],                                  # deterministic: restarts resume
-            storage_path=str(Path(sweep["sweep_dir"]) / "train"),
+            name=trial.key,                                     # deterministic: restarts resume
+            storage_path=str(sweep.layout.train),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=trial["config"]["train"]["keep_checkpoints"]),
-            failure_config=ray.train.FailureConfig(max_failures=sweep["max_failures"]),
+                num_to_keep=trial.config["train"]["keep_checkpoints"]),
+            failure_config=ray.train.FailureConfig(max_failures=sweep.max_failures),
             callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(scaling["threads_per_worker"])}},
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(scaling.threads_per_worker)}},
         ),
     )
 
 
-def train_driver(config: dict, sweep: dict) -> None:
+def train_driver(config: dict, sweep: SweepContext) -> None:
     """The Tune trainable of one trial (``config["trial"]`` is one entry of the expanded sweep)."""
-    trial = config["trial"]
-    key = trial["key"]
-    tdir = trial_dir(sweep, key)
-    uri = sweep["tracking_uri"]
-    if (tdir / RESULT).is_file():        # finished before an interruption: report, do not rerun
-        ray.tune.report(json.loads((tdir / RESULT).read_text()))
+    trial = TrialSpec.from_json(config["trial"])
+    key = trial.key
+    files = sweep.trial(key)
+    uri = sweep.tracking_uri
+    if files.result.is_file():        # finished before an interruption: report, do not rerun
+        ray.tune.report(json.loads(files.result.read_text()))
         return
-    if (tdir / FAILURE).is_file():
-        raise TrialError(f"trial {key}: {json.loads((tdir / FAILURE).read_text())['error']}")
+    if files.failure.is_file():
+        raise TrialError(f"trial {key}: {json.loads(files.failure.read_text())['error']}")
     run_id = tracking.get_or_create_child(
-        uri, sweep["experiment_id"], sweep["parent_id"], sweep["name"], key, _run_name(trial),
+        uri, sweep.experiment_id, sweep.parent_id, sweep.name, key, _run_name(trial),
         _params(trial, sweep), tags={tracking.TAG_RAY_TRIAL: ray.tune.get_context().get_trial_id()})
-    tdir.mkdir(parents=True, exist_ok=True)
+    files.root.mkdir(parents=True, exist_ok=True)
     import yaml
 
-    tracking.Tracker(uri, run_id, tdir / "spool.jsonl").log_text(
-        yaml.safe_dump(trial["config"], sort_keys=False), "config.yaml")
+    tracking.Tracker(uri, run_id, files.spool).log_text(
+        yaml.safe_dump(trial.config, sort_keys=False), "config.yaml")
     try:
         result = _trainer(trial, sweep, run_id).fit()
     except Exception as err:   # TrainingFailedError and friends: restarts exhausted
-        _finish(uri, run_id, tdir, "FAILED")
-        raise TrialError(f"trial {key}: training failed after {sweep['max_failures']} restart(s): "
+        _finish(uri, run_id, files.spool, "FAILED")
+        raise TrialError(f"trial {key}: training failed after {sweep.max_failures} restart(s): "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    if (tdir / FAILURE).is_file():
-        error = json.loads((tdir / FAILURE).read_text())["error"]
-        _finish(uri, run_id, tdir, "FAILED")
+    if files.failure.is_file():
+        error = json.loads(files.failure.read_text())["error"]
+        _finish(uri, run_id, files.spool, "FAILED")
         raise TrialError(f"trial {key}: {error}")
-    final = json.loads((tdir / FINAL).read_text())
-    tracker = tracking.Tracker(uri, run_id, tdir / "spool.jsonl")   # replays a leftover spool
+    final = json.loads(files.final.read_text())
+    tracker = tracking.Tracker(uri, run_id, files.spool)   # replays a leftover spool
     if result.checkpoint is not None:
         final["checkpoint"] = result.checkpoint.path
         tracker.set_tags({"checkpoint.final": result.checkpoint.path})
     final["mlflow_run_id"] = run_id
-    (tdir / RESULT).write_text(json.dumps(final, indent=2, sort_keys=True))
+    files.result.write_text(json.dumps(final, indent=2, sort_keys=True))
     tracker.close("FINISHED")
     ray.tune.report(final)
 
 
-def _finish(uri: str, run_id: str, tdir: Path, status: str) -> None:
+def _finish(uri: str, run_id: str, spool: Path, status: str) -> None:
     """End the MLflow run; while MLflow is away the status is spooled like everything else."""
-    tracking.Tracker(uri, run_id, tdir / "spool.jsonl").close(status)
+    tracking.Tracker(uri, run_id, spool).close(status)

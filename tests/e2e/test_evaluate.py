@@ -74,7 +74,7 @@ def test_evaluate_cli_checkpoint_and_missing_weights(c2i_checkpoint, tmp_path):
     out = tmp_path / "res.json"
     ok = subprocess.run([sys.executable, "-m", "orchestrator.evaluate", str(c2i_checkpoint),
                          "--metrics", "world_fid,world_clip", "--num", "32", "--threads", "1",
-                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                         "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     row = json.loads(out.read_text())["rows"][0]
     assert set(row["metrics"]) == {"eval/world_fid", "eval/world_fid_se", "eval/world_clip",

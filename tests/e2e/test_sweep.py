@@ -67,7 +67,29 @@ def mlflow_children(uri: str, name: str) -> list:
     return tracking.children(uri, parent.info.run_id)
 
 
+def check_layout(sweep_dir: Path) -> None:
+    """Every file orchestrator.layout.SweepLayout names for a finished sweep is where the sweep wrote it."""
+    from orchestrator.layout import SweepLayout
+
+    layout = SweepLayout(sweep_dir)
+    assert layout.state.is_file() and layout.marker.is_file() and layout.train.is_dir()
+    assert layout.parent_spool.name == "parent_spool.jsonl" and not layout.server.exists()   # server gone
+    keys = [t["key"] for t in json.loads(layout.state.read_text())["trials"]]
+    assert layout.trial_keys() == keys
+    for key in keys:
+        files = layout.trial(key)
+        for path in (files.result, files.final, files.attempts, files.eval_log):
+            assert path.is_file(), path
+        assert not files.failure.exists()
+        step = json.loads(files.result.read_text())["step"]
+        assert files.snapshot(f"step_{step:08d}").is_dir()
+        assert [json.loads(line)["checkpoint"] for line in files.eval_log.read_text().splitlines()] == [
+            str(files.snapshot(f"step_{step:08d}"))]
+        assert (layout.train / key).is_dir()
+
+
 def check_shipped(sweep_dir: Path, uri: str) -> None:
+    check_layout(sweep_dir)
     state = json.loads((sweep_dir / "sweep.json").read_text())
     found = results(sweep_dir)
     assert len(found) == len(state["trials"]) >= 2
@@ -218,6 +240,9 @@ def test_nan_trial_fails_clearly_and_the_others_finish(tmp_path, ray_session):
     found = results(tmp_path / "nan")
     assert found["t000"]["step"] == 6
     assert found["t001"] is None
+    from orchestrator.layout import SweepLayout
+
+    assert SweepLayout(tmp_path / "nan").trial("t001").failure == tmp_path / "nan/trials/t001/failure.json"
     failure = json.loads((tmp_path / "nan/trials/t001/failure.json").read_text())
     assert "non-finite" in failure["error"] and "step 3" in failure["error"]
     kept = sorted(p.name for p in (tmp_path / "nan/train/t001").glob("step_*"))
@@ -272,10 +297,11 @@ def test_asha_stops_trials_early_and_frees_their_resources(tmp_path, ray_session
 def test_evaluator_pool_requeues_the_checkpoint_of_a_dead_actor(tmp_path, ray_session, c2i_checkpoint):
     import ray
 
+    from evaluators.suite import EvalSettings
     from orchestrator.pool import EvalJob, EvaluatorPool
 
     got = []
-    pool = EvaluatorPool({"metrics": ["world_fid"], "num_images": 32}, size=1, num_cpus=0.5,
+    pool = EvaluatorPool(EvalSettings(metrics=["world_fid"], num_images=32), size=1, num_cpus=0.5,
                          on_result=lambda job, metrics: got.append((job.step, metrics)))
     first = pool.actors[0]
     pool.submit(EvalJob(trial="t000", run_id="r", step=2, checkpoint=str(c2i_checkpoint)))

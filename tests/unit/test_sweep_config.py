@@ -187,11 +187,10 @@ def test_clip_weight_keeps_quality_at_one_and_reports_test_time_scaling(tmp_path
     for trial in spec.trials:
         assert trial.config["reward"]["terms"][0] == {"name": "quality", "weight": 1.0}
         assert trial.config["reward"]["terms"][1]["name"] == "clip"
-    from orchestrator.sweep_eval import eval_settings
-    from dataclasses import asdict
+    from orchestrator.sweep_schema import eval_settings
 
-    settings = eval_settings(asdict(spec.file.evaluation))
-    assert settings["test_time"]["bon"] == 4 and settings["test_time"]["iters"] == 4
+    settings = eval_settings(spec.file.evaluation)
+    assert settings.test_time["bon"] == 4 and settings.test_time["iters"] == 4
     assert "again with Best-of-4 + 4 TTEO iterations" in format_dry_run(spec)
 
 

@@ -1,0 +1,200 @@
+"""The sweep's typed contract: where a sweep keeps its files, and what crosses Ray to its trials.
+
+``SweepLayout`` is the one place that names the files of a sweep folder (``sweep.py`` writes them,
+``trial.py`` and ``sweep_eval.py`` write a trial's, ``evaluate.py`` and ``report.py`` read them):
+
+    <output_dir>/.<name>.lock              one driver per sweep (orchestrator.locks)
+    <output_dir>/<name>/                    SweepLayout.root
+        .softdimo-sweep                     marker: --overwrite deletes only folders holding it
+        sweep.json                          the expanded trials, the tracking URI to read them back
+        mlflow_server.json                  the sweep's own MLflow server while it runs
+        parent_spool.jsonl                  the parent run's records while MLflow is away
+        tune/                               Tune's state (deleted unread on --resume)
+        train/<key>/step_XXXXXXXX/          Ray Train's checkpoints
+        trials/<key>/                       TrialLayout.root (the trial's training output_dir)
+            result.json  final.json  failure.json  attempts.jsonl
+            spool.jsonl  eval_spool.jsonl   eval.jsonl  eval/step_XXXXXXXX/
+
+``SweepContext`` (with ``TrialScaling`` and ``EvalPlan``) is what the driver hands every trial and
+the evaluator pool; frozen, so no trial can change what the others see. ``TrialSpec`` is one trial.
+Tune's ``param_space`` keeps the trial as its JSON dict (the live table reads ``trial/label`` from
+it); ``TrialSpec.from_json`` turns it back at the trainable's door.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:    # report and evaluate read layouts without loading torch
+    from evaluators.suite import EvalSettings
+
+
+@dataclass(frozen=True)
+class TrialLayout:
+    """The files of one trial, ``<sweep>/trials/<key>/``."""
+    root: Path
+
+    RESULT = "result.json"        # a finished trial's final metrics (its presence means: do not rerun)
+    FAILURE = "failure.json"      # written by rank 0 when the loss became non-finite
+    FINAL = "final.json"          # rank 0's final metrics, read back by the driver
+    ATTEMPTS = "attempts.jsonl"   # one line per (re)start of the worker group: pid, start step
+    SPOOL = "spool.jsonl"         # the trial's MLflow records while MLflow is unreachable
+    EVAL_SPOOL = "eval_spool.jsonl"   # the evaluator pool's records for the trial's run, likewise
+    EVAL_LOG = "eval.jsonl"       # one line per evaluated checkpoint: step, checkpoint, metrics
+    SNAPSHOTS = "eval"            # EMA weights + meta of each checkpoint due for evaluation
+
+    @property
+    def key(self) -> str:
+        return self.root.name
+
+    @property
+    def result(self) -> Path:
+        return self.root / self.RESULT
+
+    @property
+    def failure(self) -> Path:
+        return self.root / self.FAILURE
+
+    @property
+    def final(self) -> Path:
+        return self.root / self.FINAL
+
+    @property
+    def attempts(self) -> Path:
+        return self.root / self.ATTEMPTS
+
+    @property
+    def spool(self) -> Path:
+        return self.root / self.SPOOL
+
+    @property
+    def eval_spool(self) -> Path:
+        return self.root / self.EVAL_SPOOL
+
+    @property
+    def eval_log(self) -> Path:
+        return self.root / self.EVAL_LOG
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / self.SNAPSHOTS
+
+    def snapshot(self, checkpoint_name: str) -> Path:
+        return self.snapshots / checkpoint_name
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    """The files of one sweep, ``<output_dir>/<name>/``."""
+    root: Path
+
+    MARKER = ".softdimo-sweep"          # --overwrite deletes only folders holding it
+    STATE = "sweep.json"                # the expanded trials and the tracking URI
+    SERVER = "mlflow_server.json"       # the running sweep's MLflow server (address, watchdog pid)
+    PARENT_SPOOL = "parent_spool.jsonl"
+    TRIALS, TRAIN, TUNE = "trials", "train", "tune"
+
+    @classmethod
+    def of(cls, output_dir: str | Path, name: str) -> "SweepLayout":
+        return cls(Path(output_dir) / name)
+
+    @staticmethod
+    def lock_file(output_dir: str | Path, name: str) -> Path:
+        """Beside the sweep folder, not in it: --overwrite deletes the folder while holding it."""
+        return Path(output_dir) / f".{name}.lock"
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def marker(self) -> Path:
+        return self.root / self.MARKER
+
+    @property
+    def state(self) -> Path:
+        return self.root / self.STATE
+
+    @property
+    def server(self) -> Path:
+        return self.root / self.SERVER
+
+    @property
+    def parent_spool(self) -> Path:
+        return self.root / self.PARENT_SPOOL
+
+    @property
+    def trials(self) -> Path:
+        return self.root / self.TRIALS
+
+    @property
+    def train(self) -> Path:
+        return self.root / self.TRAIN
+
+    @property
+    def tune(self) -> Path:
+        return self.root / self.TUNE
+
+    def trial(self, key: str) -> TrialLayout:
+        return TrialLayout(self.trials / key)
+
+    def trial_keys(self) -> list[str]:
+        """The keys of the trials that have a folder (started at least once), sorted."""
+        return sorted(p.name for p in self.trials.iterdir()) if self.trials.is_dir() else []
+
+
+@dataclass(frozen=True)
+class TrialScaling:
+    """A trial's Ray Train workers; the CPU share and threads are planned after Ray starts."""
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    gpus_per_worker: float
+    threads_per_worker: int
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """The evaluator pool: what each actor computes (``settings``), how many, when."""
+    settings: EvalSettings
+    every_images: int
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.metrics and self.settings.num_images)
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What the sweep driver hands every trial and the evaluator pool (pickled across Ray)."""
+    name: str
+    layout: SweepLayout
+    tracking_uri: str
+    experiment_id: str
+    parent_id: str
+    scaling: TrialScaling
+    max_failures: int
+    evaluation: EvalPlan
+
+    def trial(self, key: str) -> TrialLayout:
+        return self.layout.trial(key)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial of the expanded sweep (orchestrator.sweep_schema.Trial, as sent to Ray)."""
+    key: str
+    label: str
+    overrides: dict
+    config: dict
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "label": self.label, "overrides": self.overrides, "config": self.config}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrialSpec":
+        return cls(key=data["key"], label=data["label"], overrides=data["overrides"], config=data["config"])

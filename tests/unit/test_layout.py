@@ -1,0 +1,142 @@
+"""The sweep's typed contract: SweepLayout names the files the product writes, the context is frozen,
+and the evaluation defaults live in evaluators.suite.EvalSettings alone.
+
+The finished-sweep side (every path the layout names exists after a real sweep) is checked by
+tests/e2e/test_sweep.py::check_layout on the shipped sweeps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.layout import SweepContext, SweepLayout, TrialScaling, TrialSpec
+from orchestrator.sweep_config import load_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sweep_file(tmp_path: Path) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "s", "preset": str(ROOT / "sweeps/presets/tiny_c2i.yaml"), "output_dir": "out",
+        "search": {"seed": {"grid": [0, 1]}}}))
+    return path
+
+
+def test_layout_names_every_file_of_a_sweep_folder(tmp_path):
+    layout = SweepLayout.of(tmp_path, "s")
+    trial = layout.trial("t001")
+    named = {
+        layout.marker: "s/.softdimo-sweep", layout.state: "s/sweep.json", layout.server: "s/mlflow_server.json",
+        layout.parent_spool: "s/parent_spool.jsonl", layout.tune: "s/tune", layout.train: "s/train",
+        trial.root: "s/trials/t001", trial.result: "s/trials/t001/result.json",
+        trial.final: "s/trials/t001/final.json", trial.failure: "s/trials/t001/failure.json",
+        trial.attempts: "s/trials/t001/attempts.jsonl", trial.spool: "s/trials/t001/spool.jsonl",
+        trial.eval_spool: "s/trials/t001/eval_spool.jsonl", trial.eval_log: "s/trials/t001/eval.jsonl",
+        trial.snapshot("step_00000002"): "s/trials/t001/eval/step_00000002",
+        SweepLayout.lock_file(tmp_path, "s"): ".s.lock",
+    }
+    for path, rel in named.items():
+        assert path == tmp_path / rel
+    assert trial.key == "t001" and layout.name == "s"
+    assert layout.trial_keys() == []
+    (layout.trials / "t001").mkdir(parents=True)
+    (layout.trials / "t000").mkdir()
+    assert layout.trial_keys() == ["t000", "t001"]
+
+
+def test_the_expanded_trials_write_where_the_layout_says(tmp_path):
+    spec = load_sweep(_sweep_file(tmp_path), cwd=tmp_path)
+    assert spec.layout == SweepLayout(tmp_path / "out" / "s") and spec.sweep_dir == spec.layout.root
+    for trial in spec.trials:   # the training run of a trial writes its output_dir: the trial folder
+        assert trial.config["output_dir"] == str(spec.layout.trial(trial.key).root)
+        sent = trial.spec()
+        assert TrialSpec.from_json(json.loads(json.dumps(sent.to_json()))) == sent
+
+
+def test_the_sweep_driver_uses_the_layout_for_its_lock_and_overwrite_marker(tmp_path):
+    from orchestrator import locks, sweep
+    from orchestrator.config import UserError
+
+    spec = load_sweep(_sweep_file(tmp_path), cwd=tmp_path)
+    lock = sweep._lock(spec)
+    try:
+        assert lock == SweepLayout.lock_file(tmp_path / "out", "s")
+    finally:
+        locks.release(lock)
+    spec.layout.root.mkdir(parents=True)
+    args = type("Args", (), {"resume": False, "overwrite": True})()
+    with pytest.raises(UserError, match=r"no \.softdimo-sweep file"):
+        sweep._check_folder(spec, args)
+    spec.layout.marker.touch()
+    sweep._check_folder(spec, args)                 # a sweep's folder: deleted
+    assert not spec.layout.root.exists()
+
+
+def test_sweep_context_is_frozen_and_carries_the_planned_scaling(tmp_path):
+    from orchestrator.sweep import sweep_context
+
+    spec = load_sweep(_sweep_file(tmp_path), cwd=tmp_path)
+    ctx = sweep_context(spec, "sqlite:///x.db", "1", "p", cpus_per_worker=0.49, threads_per_worker=1)
+    assert isinstance(ctx, SweepContext) and ctx.layout == spec.layout
+    assert ctx.scaling == TrialScaling(num_workers=1, use_gpu=False, cpus_per_worker=0.49,
+                                       gpus_per_worker=1.0, threads_per_worker=1)
+    assert ctx.evaluation.settings.metrics == spec.file.evaluation.metrics
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.name = "other"
+    assert ctx.trial("t000") == spec.layout.trial("t000")
+
+
+def test_sweep_evaluation_section_maps_onto_eval_settings(tmp_path):
+    from evaluators.suite import EvalSettings
+    from orchestrator.sweep_schema import EvaluationSection, eval_settings
+
+    section = EvaluationSection(metrics=["world_fid", "world_clip"], num_images=64, seed=3,
+                                weights={"inception": "/w/i.pth"}, geneval_prompts_per_task=2)
+    assert eval_settings(section) == EvalSettings(
+        metrics=["world_fid", "world_clip"], num_images=64, seed=3, paths={"inception": "/w/i.pth"},
+        geneval_prompts_per_task=2)
+    shared = {f.name for f in dataclasses.fields(EvalSettings)}
+    assert eval_settings(EvaluationSection()) == EvalSettings()   # the same defaults
+    assert {"metrics", "num_images", "temperatures", "seed", "reference", "images_per_prompt",
+            "geneval_prompts_per_task", "paths", "test_time"} <= shared
+
+
+CHANGED_DEFAULTS = """
+import dataclasses
+import evaluators.suite as suite
+
+@dataclasses.dataclass
+class Changed(suite.EvalSettings):
+    metrics: list = dataclasses.field(default_factory=lambda: ["world_clip"])
+    num_images: int = 123
+    seed: int = 7
+    geneval_prompts_per_task: int = 3
+    images_per_prompt: int = 2
+
+suite.EvalSettings = Changed
+from orchestrator import evaluate
+from orchestrator.sweep_schema import EvaluationSection, eval_settings
+
+section = EvaluationSection()
+assert (section.metrics, section.num_images, section.seed) == (["world_clip"], 123, 7), section
+assert (section.geneval_prompts_per_task, section.images_per_prompt) == (3, 2), section
+assert eval_settings(section) == Changed()
+args = evaluate.parser().parse_args(["ckpt"])
+assert (args.metrics, args.seed, args.geneval_prompts_per_task) == ("world_clip", 7, 3), args
+print("ok")
+"""
+
+
+def test_an_eval_default_changed_in_eval_settings_shows_in_the_sweep_schema_and_the_cli():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", CHANGED_DEFAULTS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
