@@ -1,8 +1,8 @@
-"""trainers.soft_embedding: Eq. 3, its gradient, and straight-through Gumbel."""
+"""softdimo.math.soft_embedding: Eq. 3, its gradient, and straight-through Gumbel."""
 import pytest
 import torch
 
-from trainers.soft_embedding import (gumbel_noise, gumbel_st_probs, relaxed_probs,
+from softdimo.math.soft_embedding import (gumbel_noise, gumbel_st_probs, relaxed_probs,
                                      soft_embedding, soft_probs)
 
 B, L, V, D = 2, 5, 7, 3

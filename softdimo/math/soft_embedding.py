@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-RELAXATIONS = ("soft", "gumbel_st")
+from softdimo.math import EMBEDDING_KINDS
 
 
 def soft_probs(z: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -64,4 +64,4 @@ def relaxed_probs(z: torch.Tensor, kind: str, tau: float = 1.0,
         if generator is None:
             raise ValueError("relaxation 'gumbel_st' needs an explicit torch.Generator")
         return gumbel_st_probs(z, tau, generator)
-    raise ValueError(f"unknown relaxation {kind!r}; expected one of {RELAXATIONS}")
+    raise ValueError(f"unknown relaxation {kind!r}; expected one of {EMBEDDING_KINDS}")
