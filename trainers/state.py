@@ -78,7 +78,6 @@ class TrainState:
     rng: torch.Generator
     step: int = 0
     images_seen: int = 0
-    history: list = field(default_factory=list)
 
     def modules(self) -> dict:
         return {"generator": self.generator, "ema": self.ema, "auxiliary": self.auxiliary,
