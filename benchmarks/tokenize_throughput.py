@@ -31,7 +31,7 @@ def main() -> None:
     from orchestrator.tokenize import parser, run
     from orchestrator.tokenize_inputs import decode_item, list_inputs
     from softdimo.teachers.encoding import load_encoder, to_unit
-    from softdimo.world.store import default_cache_dir
+    from softdimo.world.layout import default_cache_dir
 
     items, _ = list_inputs([args.folder])
     enc = load_encoder("world_c2i", options={"spec": args.spec, "cache_dir": str(default_cache_dir())})

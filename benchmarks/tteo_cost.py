@@ -4,7 +4,7 @@
     python benchmarks/tteo_cost.py --checkpoint runs/t2i_long --rounds 5 --threads 2
     python benchmarks/tteo_cost.py --configs 16:0,4:4,8:0,4:2       # N:K pairs; the first is the base
 
-Every configuration runs the same code as ``orchestrator.generate --tteo`` (evaluators.test_time)
+Every configuration runs the same code as ``orchestrator.generate --tteo`` (evaluators.scaled_sampling)
 on the same prompts, device and images per batch (--batch: prompts × N), in alternating rounds; the
 median of each is reported with its ratio to the first. The target is BoN 4 + 4 iterations at no
 more than 1.6× BoN 16 (the paper measured 2.14×). Cost does not depend on the weights, so without
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
 
-    from evaluators.test_time import generate_scaled, label
+    from evaluators.scaled_sampling import generate_scaled, label
     from trainers.config import TestTime
     from trainers.state import resolve_device
 

@@ -13,7 +13,7 @@ k=5 against the reference images), ``clip``, ``hps``, ``hps_v21``, ``pickscore``
 and ``geneval`` (official metadata, HF Mask2Former detector).
 
 With ``test_time`` set (trainers.config.TestTime fields), the prompt-based metrics (``TEST_TIME_METRICS``)
-are computed a second time on test-time-scaled images (Best-of-N / TTEO, evaluators.test_time) and
+are computed a second time on test-time-scaled images (Best-of-N / TTEO, evaluators.scaled_sampling) and
 reported as ``eval/tts/<metric>``, with ``eval/tts/seconds_per_prompt``: a sweep shows GenEval and
 HPS with and without test-time scaling side by side.
 """
@@ -262,7 +262,7 @@ class Evaluator:
 
     # metrics
     def _test_time(self, student: Student, prompts: list):
-        from evaluators.test_time import generate_scaled, settings_of
+        from evaluators.scaled_sampling import generate_scaled, settings_of
 
         run = generate_scaled(student, prompts, settings_of(self.settings.test_time), self.settings.seed,
                             self.device, self.progress, reward_factory=lambda name, _: self.scorer(name))

@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 
 from evaluators.fid import fid_bootstrap_se, fid_from_features
 from softdimo.teachers.protocol import Teacher
-from softdimo.world.scenes import class_names
 from trainers.sampling import one_step_tokens
 
 
@@ -80,17 +79,3 @@ def student_sampler(teacher: Teacher, net: torch.nn.Module, init_mask_ratio: Seq
                     embed_noise: float, temperature: float = 1.0, argmax: bool = False):
     return lambda cond, g: one_step_tokens(teacher, net, cond, g, init_mask_ratio, embed_noise,
                                            temperature, argmax)
-
-
-def student_world_fid(world, track: str, net: torch.nn.Module, init_mask_ratio: Sequence[float],
-                      embed_noise: float, num: int, seed: int = 0, temperature: float = 1.0,
-                      device: torch.device | str = "cpu", progress: bool = False) -> float:
-    """World-FID of a one-step generator ``net`` (e.g. a checkpoint's EMA) on ``num`` images."""
-    teacher = world.teacher(track)
-    reference = world.reference(track)
-    num_classes = len(class_names()) if track == "c2i" else 1
-    conds = eval_conditions(teacher, num, num_classes, reference.captions)
-    sample = student_sampler(teacher, net, init_mask_ratio, embed_noise, temperature)
-    images = generate_images(sample, teacher, conds, seed, device=device, progress=progress,
-                             desc="world-FID")
-    return world_fid(world.features, images, reference.images, device=device)

@@ -58,7 +58,7 @@ def run_configs(args, configs: list, path: Path, meta: dict, cfg, ctx, net, prom
                 out: Path) -> int:
     """Run every configuration on ``prompts``; one line of summary per configuration."""
     from evaluators.suite import Student
-    from evaluators.test_time import generate_scaled, label
+    from evaluators.scaled_sampling import generate_scaled, label
     from evaluators.weights import WeightsMissing
     from evaluators.suite import reward_factory
     from trainers.config import ConfigValueError

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from softdimo.world.build import build_components
-    from softdimo.world.store import COMPONENTS, TRACK_NEEDS, WORLD_SPECS, default_cache_dir
+    from softdimo.world.layout import COMPONENTS, TRACK_NEEDS, WORLD_SPECS, default_cache_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
 
 def prepare_worlds(spec: SweepSpec, progress: bool) -> None:
     """Build or load each embedded world the trials use, and pin its cache folder in the configs."""
-    from softdimo.world.store import default_cache_dir, load_world
+    from softdimo.world.layout import default_cache_dir
+    from softdimo.world.store import load_world
 
     needs: dict[tuple[str, str], set[str]] = {}
     for trial in spec.trials:

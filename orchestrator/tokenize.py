@@ -90,7 +90,7 @@ def resolve_teacher(args) -> tuple[str, dict, dict]:
     paths.update(_pairs(args.path, "--path", False))
     options.update(_pairs(args.option, "--option", True))
     if kind.startswith("world_"):
-        from softdimo.world.store import default_cache_dir
+        from softdimo.world.layout import default_cache_dir
 
         options = {"spec": args.world_spec or spec or "full", "cache_dir": str(default_cache_dir())}
     return kind, paths, options

@@ -11,12 +11,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from softdimo.math import DIVERGENCES, EMBEDDING_KINDS, MASK_SCHEDULES   # names only; no torch
 from softdimo.teachers import FAMILIES, TEACHER_KINDS, WORLD_KINDS   # the registry; imports no torch
 
 WORLD_SPECS = ("full", "test")
-EMBEDDING_KINDS = ("soft", "gumbel_st")
-DIVERGENCES = ("fkl", "rkl", "jeffreys")
-MASK_SCHEDULES = ("arccos", "cosine", "linear")
 # clip, quality: the embedded world's own scorers; the rest are the real networks of
 # evaluators.scorers, loaded from staged weights ($SOFTDIMO_WEIGHTS)
 WORLD_REWARDS = ("clip", "quality")

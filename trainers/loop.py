@@ -16,10 +16,10 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from softdimo.math.diagnostics import decode_mse, mean_entropy, mean_top1
 from trainers import checkpoint as ckpt
 from trainers import distributed as dist
 from trainers.config import Config, ConfigValueError, config_hash, eval_temperature
-from trainers.diagnostics import decode_mse, mean_entropy, mean_top1
 from trainers.sampling import grid_conditions, one_step_logits, sample_from_logits
 from trainers.state import TrainContext, TrainState, build_context, build_state
 from trainers.steps import train_step

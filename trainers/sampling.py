@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from softdimo.math import masking
 from softdimo.teachers.protocol import Teacher
-from trainers import masking
 
 
 @torch.no_grad()

@@ -13,12 +13,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from softdimo.math.reward import RewardFn
 from softdimo.teachers.protocol import Teacher
 from trainers import distributed as dist
 from trainers.config import WORLD_KINDS, Config, ConfigValueError
 from trainers.discriminator import DiscriminatorHeads
 
-RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
 @dataclass
@@ -78,7 +78,6 @@ class TrainState:
     rng: torch.Generator
     step: int = 0
     images_seen: int = 0
-    history: list = field(default_factory=list)
 
     def modules(self) -> dict:
         return {"generator": self.generator, "ema": self.ema, "auxiliary": self.auxiliary,

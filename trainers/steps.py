@@ -15,12 +15,12 @@ import contextlib
 import torch
 from torch import nn
 
-from trainers import dimo, gan, masking, reward, soft_embedding
+from softdimo.math import dimo, gan, masking, reward, soft_embedding
+from softdimo.math.diagnostics import mean_entropy, mean_top1
+from softdimo.math.ema import ema_decay, ema_update_
 from trainers import distributed as dist
 from trainers.config import Config
-from trainers.diagnostics import mean_entropy, mean_top1
 from trainers.discriminator import discriminate
-from trainers.ema import ema_decay, ema_update_
 from trainers.sampling import sample_from_logits
 from trainers.state import TrainContext, TrainState
 
@@ -96,13 +96,6 @@ def _dimo_inputs(cfg: Config, ctx: TrainContext, z: torch.Tensor, g: torch.Gener
     return t.embed_ids(x_t), mask
 
 
-def _masked_kl(l_phi: torch.Tensor, l_psi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean FKL(p_φ ‖ p_ψ) over masked positions: how far ψ (≈ student) is from the teacher."""
-    log_p, log_q = torch.log_softmax(l_phi, -1), torch.log_softmax(l_psi, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl[mask].mean() if mask.any() else kl.new_zeros(())
-
-
 def relaxed(cfg: Config, z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return soft_embedding.relaxed_probs(z.float(), cfg.embedding.kind, cfg.embedding.temperature, g)
 
@@ -139,7 +132,7 @@ def _dimo_loss(cfg: Config, ctx: TrainContext, st: TrainState, z: torch.Tensor, 
         st.auxiliary.train(cfg.dimo.aux_dropout)
         l_psi = t.forward_embeddings(st.auxiliary, e_t, cond)[0]
         grad = dimo.divergence_grad(l_phi.float(), l_psi.float(), cfg.dimo.divergence, cfg.dimo.beta)
-        kl = _masked_kl(l_phi.float(), l_psi.float(), mask)
+        kl = dimo.masked_kl(l_phi.float(), l_psi.float(), mask)
     loss = dimo.dimo_surrogate(z, grad, mask)
     return loss, {"loss/dimo": loss.item(), "diag/mask_ratio": float(mask.float().mean()),
                   "diag/teacher_aux_kl": float(kl)}
@@ -184,7 +177,7 @@ def generator_step(cfg: Config, ctx: TrainContext, st: TrainState, cond: torch.T
             weights = {term.name: term.weight for term in cfg.reward.terms}
             loss_reward = reward.reward_loss(scores, weights)
         scaled = loss_dimo if cfg.dimo.weight == 1 else cfg.dimo.weight * loss_dimo
-        loss = reward.total_loss(scaled, loss_gan, loss_reward, cfg.gan.weight, cfg.reward.weight)
+        loss = dimo.total_loss(scaled, loss_gan, loss_reward, cfg.gan.weight, cfg.reward.weight)
     grad_norm = _update(st, "generator", st.generator, loss, cfg.train.grad_clip)
     ema_update_(st.ema, st.generator, ema_decay(st.step, cfg.train.ema_decay))
     with torch.no_grad():

@@ -27,16 +27,16 @@ Shapes: P prompts, N starts, B = P·N, L tokens, V codes, D embedding width, K =
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from softdimo.math import masking
+from softdimo.math.reward import RewardFn
 from softdimo.teachers.protocol import Teacher
-from trainers import masking
 from trainers.config import WORLD_REWARDS, ConfigValueError, TestTime
 
-RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 # The paper selects with CLIP score, ImageReward, HPS (v2.1 is what it reports) and PickScore
 # (Eyring et al.); on the embedded world its tiny CLIP and the learned quality score stand in.
 REAL_SELECTION = {"clip": 1.0, "imagereward": 1.0, "hps_v21": 1.0, "pickscore": 1.0}

@@ -13,17 +13,14 @@ the published 6.5). A precomputed text-features file stores exactly these rows a
 (its aesthetic row included).
 
 Decoding needs text too. ``decode_ids(ids, cond)`` / ``decode_probs(p, cond)`` take the condition
-explicitly (the protocol's optional argument; every trainer and evaluator call passes it); without it they use the text guidance of the last condition the adapter ran
-with (``encode_condition(prompts=...)``, ``forward_embeddings`` or ``sample``) when its batch size
-matches, and otherwise the empty prompt's guidance (the null condition's), warning when a stale
-guidance of another batch size was set aside. ``null_condition`` never becomes that last condition.
+explicitly (the protocol's optional argument; every trainer and evaluator call passes it); without it
+they decode with the empty prompt's guidance (the null condition's), the unconditional decode.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -89,7 +86,6 @@ class MaskGenTeacher:
         self.sampling: dict = {"steps": g.num_iter, "cfg": g.cfg, "temperature": 1.0,
                                "randomize": g.temperature}
         self._null: torch.Tensor | None = None          # packed condition of "" [1, 2T+2, C]
-        self._last_guidance: torch.Tensor | None = None  # decoder text of the last condition used
 
     @property
     def device(self) -> torch.device:
@@ -111,8 +107,7 @@ class MaskGenTeacher:
     def forward_embeddings(self, net: nn.Module, e: torch.Tensor, cond: torch.Tensor,
                            layers: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run φ, θ or ψ from e [B, L, D] -> (logits [B, L, V], hidden [B, L, D] per requested block)."""
-        text, guidance, pooled, aesthetic = self.split_condition(cond)
-        self._last_guidance = guidance.detach()
+        text, _, pooled, aesthetic = self.split_condition(cond)
         return net.forward_embeddings(e, text, pooled, aesthetic, layers)
 
     def make_student(self) -> nn.Module:
@@ -141,9 +136,7 @@ class MaskGenTeacher:
     def encode_condition(self, labels: torch.Tensor | None = None,
                          prompts: Sequence[str] | None = None) -> torch.Tensor:
         """B prompts -> the packed condition [B, 2T+2, C] (float32, on the teacher's device)."""
-        cond = self._encode(prompts, labels)
-        self._last_guidance = self.split_condition(cond)[1]
-        return cond
+        return self._encode(prompts, labels)
 
     def _encode(self, prompts: Sequence[str] | None, labels=None) -> torch.Tensor:
         if labels is not None or prompts is None:
@@ -168,13 +161,6 @@ class MaskGenTeacher:
     def _guidance(self, batch: int, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is not None:
             return self.split_condition(cond.to(self.device))[1]
-        last = self._last_guidance
-        if last is not None and last.shape[0] == batch:
-            return last
-        if last is not None:
-            warnings.warn(f"decoding {batch} images without cond: the last condition had "
-                          f"{last.shape[0]} rows, so the empty prompt's text guidance is used",
-                          stacklevel=3)
         return self.split_condition(self.null_condition(batch))[1]
 
     def decode_ids(self, ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,8 +188,7 @@ class MaskGenTeacher:
             raise ValueError(f"need steps >= 1 and temperature > 0, got {steps} and {temperature}")
         b, n = cond.shape[0], self.seq_len
         cond = cond.to(self.device, torch.float32)
-        text, guidance, pooled, aesthetic = self.split_condition(torch.cat([cond, self.null_condition(b)]))
-        self._last_guidance = guidance[:b]
+        text, _, pooled, aesthetic = self.split_condition(torch.cat([cond, self.null_condition(b)]))
         ids = torch.full((b, n), self.mask_id, dtype=torch.long, device=self.device)
         for step in range(steps):
             t = (step + 1) / steps

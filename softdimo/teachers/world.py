@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from softdimo.math.dimo import cfg_combine
 from softdimo.world.mdm import MaskTransformer
-from trainers.dimo import cfg_combine
 from softdimo.world.sampler import cfg_ramp, maskgit_sample
 from softdimo.world.tokenizer import VQTokenizer
 

@@ -31,7 +31,7 @@ class WorldEncoder:
 def load(paths: dict, options: dict, device: torch.device, kind: str = "world_c2i") -> WorldEncoder:
     """The world's tokenizer (building the world first if its cache lacks it)."""
     from softdimo.teachers import TeacherOptionError
-    from softdimo.world.store import resolve_spec, world_dir
+    from softdimo.world.layout import resolve_spec, world_dir
     from softdimo.world.tokenizer import load_tokenizer
 
     unknown = sorted(set(options) - set(OPTIONS))

@@ -1,6 +1,6 @@
 """Build the embedded world for a WorldSpec: deterministic, cached, atomic (ARCHITECTURE §6).
 
-A world is built in components (store.COMPONENTS), each only when a command needs it: "base"
+A world is built in components (layout.COMPONENTS), each only when a command needs it: "base"
 (data -> tokenizer -> encode), then "clip", "c2i_teacher", "t2i_teacher" (text features from the
 CLIP, then the teacher), "quality" and "features". A class-to-image run never builds the CLIP, the
 text-to-image teacher or the quality net. Every stage draws from its own generator seeded from
@@ -24,13 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from softdimo.world.store import (BUILDER_VERSION, COMPONENTS, TRACKS, WORLD_SPECS, World,
-                                  WorldData, WorldSpec, built_components, component_marker,
-                                  default_cache_dir, load_data, load_world, resolve_spec,
-                                  save_data, save_net, with_dependencies, world_dir, world_hash)
-
-__all__ = ["build_world", "load_world", "WORLD_SPECS", "WorldSpec", "World", "world_hash",
-           "default_cache_dir"]
+from softdimo.world.layout import (BUILDER_VERSION, COMPONENTS, TRACKS, WorldData, WorldSpec,
+                                   built_components, component_marker, default_cache_dir,
+                                   load_data, resolve_spec, save_data, save_net,
+                                   with_dependencies, world_dir, world_hash)
 
 STAGES = ("data", "tokenizer", "encode", "clip", "text_features", "c2i_teacher", "t2i_teacher",
           "quality", "features")

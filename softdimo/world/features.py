@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from softdimo.world.quality import ConvTrunk
 from softdimo.world.scenes import COLOURS, MAX_OBJECTS, SHAPES, Scene
-from softdimo.world.store import seeded_init
+from softdimo.world.layout import seeded_init
 
 NUM_PAIRS = len(SHAPES) * len(COLOURS)
 NUM_PRESENCE = NUM_PAIRS + len(COLOURS) + len(SHAPES)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainers.masking import forward_mask
+from softdimo.math.masking import forward_mask
 
 from .tokenizer import load_state_strict, read_config, save_module
 
@@ -173,7 +173,7 @@ def train_mdm(model: MaskTransformer, tokens: torch.Tensor, conds: torch.Tensor,
     """Train ``model`` in place on tokens [N, L] with conditions conds [N] or [N, T, C].
 
     Per step: a batch without replacement (epoch permutations), arccos exact-count masking
-    (trainers.masking.forward_mask), condition dropout to ``null_cond`` (one row of conds, broadcast),
+    (softdimo.math.masking.forward_mask), condition dropout to ``null_cond`` (one row of conds, broadcast),
     cross-entropy with label smoothing 0.1 on the masked tokens, AdamW (betas 0.9/0.96, wd 1e-5 as
     MaskGit), warm-up then cosine decay, grad-norm clip 1. All randomness from ``generator``.
     Returns stats: losses (mean per 50-step window), final_loss (mean of the last 10%), seconds, steps_per_s.

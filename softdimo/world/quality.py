@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from softdimo.world.store import seeded_init
+from softdimo.world.layout import seeded_init
 
 DEGRADATIONS = ("blur", "noise", "colour", "blocky", "patch_swap", "patch_shuffle", "blob")
 PATCH = 4

@@ -7,8 +7,8 @@ import torch
 
 from softdimo.world.build import STAGES, build_world
 from softdimo.world.scenes import class_names
-from softdimo.world.store import (COMPONENTS, WORLD_SPECS, built_components, load_world,
-                                  world_hash)
+from softdimo.world.layout import COMPONENTS, WORLD_SPECS, built_components, world_hash
+from softdimo.world.store import load_world
 
 
 def _files(root):

@@ -81,7 +81,7 @@ def test_a_cuda_train_step_gives_finite_losses_and_moves_the_weights(cuda_state)
 
 
 def test_cuda_generators_draw_the_same_masks_for_the_same_seed(cuda_state):
-    from trainers import masking
+    from softdimo.math import masking
 
     _, ctx, _ = cuda_state
     t = ctx.teacher

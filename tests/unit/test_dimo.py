@@ -1,9 +1,9 @@
-"""trainers.dimo: CFG, divergence gradients against autograd, surrogate gradient, ψ's loss."""
+"""softdimo.math.dimo: CFG, divergence gradients against autograd, surrogate gradient, ψ's loss."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers.dimo import aux_loss, cfg_combine, dimo_surrogate, divergence_grad
+from softdimo.math.dimo import aux_loss, cfg_combine, dimo_surrogate, divergence_grad
 
 B, L, V = 3, 6, 11
 

@@ -1,11 +1,11 @@
-"""trainers.gan: augmentation masks, masked embeddings, discriminator and generator losses."""
+"""softdimo.math.gan: augmentation masks, masked embeddings, discriminator and generator losses."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers.gan import discriminator_loss, gan_mask, generator_gan_loss, mask_embeddings
+from softdimo.math.gan import discriminator_loss, gan_mask, generator_gan_loss, mask_embeddings
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -1,10 +1,10 @@
-"""trainers.masking: schedules, exact-count masks, p_init and embedding noise."""
+"""softdimo.math.masking: schedules, exact-count masks, p_init and embedding noise."""
 import math
 
 import pytest
 import torch
 
-from trainers import masking
+from softdimo.math import masking
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -1,13 +1,14 @@
-"""trainers.reward, trainers.ema and trainers.diagnostics."""
+"""softdimo.math.reward, softdimo.math.ema and softdimo.math.diagnostics."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from trainers.diagnostics import decode_mse, mean_entropy, mean_top1
-from trainers.ema import ema_decay, ema_update_
-from trainers.reward import reward_loss, total_loss
+from softdimo.math.diagnostics import decode_mse, mean_entropy, mean_top1
+from softdimo.math.ema import ema_decay, ema_update_
+from softdimo.math.dimo import total_loss
+from softdimo.math.reward import reward_loss
 
 
 def test_reward_loss_is_negative_weighted_mean():

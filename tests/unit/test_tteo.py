@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainers import masking
+from softdimo.math import masking
 from trainers.config import ConfigValueError, TestTime, check_test_time
 from trainers.tteo import combined_score, multistart_tteo, resolve
 

@@ -10,8 +10,9 @@ from softdimo.world import clip as C
 from softdimo.world.features import FeatureNet, label_targets, scene_targets
 from softdimo.world.quality import DEGRADATIONS, QualityScorer, degrade
 from softdimo.world.scenes import Scene, SceneObject, c2i_scenes
-from softdimo.world.store import (WORLD_SPECS, default_cache_dir, load_world, seeded_init,
-                                  world_dir, world_hash)
+from softdimo.world.layout import (WORLD_SPECS, default_cache_dir, seeded_init, world_dir,
+                                   world_hash)
+from softdimo.world.store import load_world
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_load_world_without_build_is_a_clear_error(tmp_path):
 
 
 def test_a_world_built_whole_before_component_markers_counts_as_complete(tmp_path):
-    from softdimo.world.store import COMPONENTS, built_components, with_dependencies
+    from softdimo.world.layout import COMPONENTS, built_components, with_dependencies
     (tmp_path / "manifest.json").write_text("{}")
     assert built_components(tmp_path) == set(COMPONENTS)
     (tmp_path / "components").mkdir()

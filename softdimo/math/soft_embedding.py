@@ -3,24 +3,19 @@
 Shapes: B batch, L token positions, V vocabulary (codes per position), D embedding width.
 The soft embedding of logits z is the expected token embedding under softmax(z/τ):
     Emb(z) = E^T softmax(z/τ),  E = table [V, D].
-It is deterministic and fully differentiable in z; Gumbel-ST is kept only as an ablation.
+It is deterministic and fully differentiable in z; Gumbel-ST is kept only as an ablation. This module
+gives the probabilities (``relaxed_probs``); each teacher's ``embed_probs`` multiplies them with its table.
 """
 from __future__ import annotations
 
 import torch
 
-RELAXATIONS = ("soft", "gumbel_st")
+from softdimo.math import EMBEDDING_KINDS
 
 
 def soft_probs(z: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """softmax(z/τ) over the last axis, [..., V] -> [..., V]."""
     return torch.softmax(z / tau, dim=-1)
-
-
-def soft_embedding(z: torch.Tensor, table: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Eq. 3: logits z [B, L, V] and embedding table [V, D] -> E^T softmax(z/τ), [B, L, D]."""
-    p = soft_probs(z, tau)
-    return p.to(table.dtype) @ table
 
 
 def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator,
@@ -64,4 +59,4 @@ def relaxed_probs(z: torch.Tensor, kind: str, tau: float = 1.0,
         if generator is None:
             raise ValueError("relaxation 'gumbel_st' needs an explicit torch.Generator")
         return gumbel_st_probs(z, tau, generator)
-    raise ValueError(f"unknown relaxation {kind!r}; expected one of {RELAXATIONS}")
+    raise ValueError(f"unknown relaxation {kind!r}; expected one of {EMBEDDING_KINDS}")

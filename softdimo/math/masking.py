@@ -9,7 +9,7 @@ import math
 
 import torch
 
-SCHEDULES = ("arccos", "cosine", "linear")
+from softdimo.math import MASK_SCHEDULES
 
 
 def mask_ratio(schedule: str, s: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def mask_ratio(schedule: str, s: torch.Tensor) -> torch.Tensor:
         return torch.cos(math.pi * s / 2)
     if schedule == "linear":
         return s
-    raise ValueError(f"unknown mask schedule {schedule!r}; expected one of {SCHEDULES}")
+    raise ValueError(f"unknown mask schedule {schedule!r}; expected one of {MASK_SCHEDULES}")
 
 
 def sample_mask_ratio(batch: int, schedule: str, generator: torch.Generator,

@@ -1,4 +1,5 @@
-"""The Di[M]O generator loss: CFG, divergence logit-gradients, the surrogate, and ψ's loss.
+"""The Di[M]O generator loss: CFG, divergence logit-gradients, the surrogate, ψ's loss, the masked
+KL that monitors ψ against the teacher, and the total generator loss (Eq. 10).
 
 Shapes: B batch, L token positions, V vocabulary. Follows the public Di[M]O code
 (reference/dimo.md §4-§5): the gradient of a divergence between teacher p = softmax(l_φ/T_φ) and
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("fkl", "rkl", "jeffreys")
+from softdimo.math import DIVERGENCES
 
 
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
@@ -86,3 +87,22 @@ def aux_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     per_token = F.cross_entropy(logits.reshape(-1, vocab).float(), target, ignore_index=-100,
                                 reduction="none", label_smoothing=label_smoothing)
     return per_token.sum() / m.sum().clamp_min(1)
+
+
+def masked_kl(l_phi: torch.Tensor, l_psi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean FKL(p_φ ‖ p_ψ) over masked positions: how far ψ (≈ student) is from the teacher."""
+    log_p, log_q = torch.log_softmax(l_phi, -1), torch.log_softmax(l_psi, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl[mask].mean() if mask.any() else kl.new_zeros(())
+
+
+def total_loss(dimo: torch.Tensor, gan: torch.Tensor | None = None,
+               reward: torch.Tensor | None = None, w_gan: float = 0.0,
+               w_reward: float = 0.0) -> torch.Tensor:
+    """Eq. 10: L_DiMO + w_GAN·L_GAN + w_reward·L_reward; a None term or a zero weight is skipped."""
+    total = dimo
+    if gan is not None and w_gan != 0:
+        total = total + w_gan * gan
+    if reward is not None and w_reward != 0:
+        total = total + w_reward * reward
+    return total

@@ -1,9 +1,12 @@
-"""Differentiable reward loss (Eq. 9) and the total generator loss (Eq. 10)."""
+"""Differentiable reward loss (Eq. 9) and the type of the reward functions it scores."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+
+# images [B, 3, H, W] in [0, 1] and their prompts -> one score per image, [B]
+RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
 def reward_loss(scores: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
@@ -26,14 +29,3 @@ def reward_loss(scores: Mapping[str, torch.Tensor], weights: Mapping[str, float]
         return torch.zeros((), device=device)
     return total
 
-
-def total_loss(dimo: torch.Tensor, gan: torch.Tensor | None = None,
-               reward: torch.Tensor | None = None, w_gan: float = 0.0,
-               w_reward: float = 0.0) -> torch.Tensor:
-    """Eq. 10: L_DiMO + w_GAN·L_GAN + w_reward·L_reward; a None term or a zero weight is skipped."""
-    total = dimo
-    if gan is not None and w_gan != 0:
-        total = total + w_gan * gan
-    if reward is not None and w_reward != 0:
-        total = total + w_reward * reward
-    return total
