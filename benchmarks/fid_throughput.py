@@ -7,7 +7,7 @@
 Images: class-to-image scenes of the embedded world ("generated") and text-to-image scenes
 ("reference"), rendered at 32×32 and upsampled (nearest) to --size, ImageNet-256's size by default.
 Both paths compute pool3 features of both sets and the FID between them with the SAME InceptionV3
-object (evaluators.inception):
+object (evaluators.networks.inception):
 
   (a) project: uint8 tensors [B,3,H,W] straight into the network in one process, batch --batch;
   (b) clean-fid: PNG folders through ``cleanfid.fid.compute_fid(mode="legacy_tensorflow",
@@ -58,7 +58,7 @@ def write_pngs(images: torch.Tensor, folder: Path) -> None:
 
 def random_inception(seed: int = 0) -> torch.nn.Module:
     """InceptionV3 with Kaiming-initialised convs (default init collapses the features)."""
-    from evaluators.inception import InceptionV3
+    from evaluators.networks.inception import InceptionV3
 
     torch.manual_seed(seed)
     net = InceptionV3()
@@ -108,8 +108,8 @@ def measure(num: int = 2000, batch: int = 100, cleanfid_batch: int = 32, workers
     """
     import cleanfid.fid as cleanfid_fid
 
-    from evaluators.fid import fid_from_features
-    from evaluators.inception import extract_features, load_inception
+    from evaluators.metrics.fid import fid_from_features
+    from evaluators.networks.inception import extract_features, load_inception
 
     device = torch.device(device)
     net = (load_inception(weights, device) if weights else random_inception().to(device))

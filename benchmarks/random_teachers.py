@@ -226,9 +226,9 @@ def random_scorers(names: Sequence[str], size: str, device) -> dict:
     """Scorers for the reward ``names`` ("imagereward", "clip") around random networks."""
     import json
 
-    from evaluators.blip import BlipConfig
-    from evaluators.clip_scores import ClipScorer, _build_open_clip
-    from evaluators.image_reward import ImageReward, ImageRewardScorer, load_tokenizer
+    from evaluators.networks.blip import BlipConfig
+    from evaluators.networks.clip_scores import ClipScorer, _build_open_clip
+    from evaluators.networks.image_reward import ImageReward, ImageRewardScorer, load_tokenizer
 
     out = {}
     tmp = Path(tempfile.mkdtemp(prefix="softdimo_bench_"))

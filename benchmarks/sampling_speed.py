@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
 
-    from evaluators.world_eval import eval_conditions
+    from evaluators.metrics.world_eval import eval_conditions
     from softdimo.world.store import load_world
     from trainers.sampling import one_step_tokens
     from trainers.state import resolve_device

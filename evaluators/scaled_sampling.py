@@ -47,7 +47,7 @@ def generate_scaled(student, prompts: Sequence[str], tt: TestTime, seed: int = 0
                   reward_factory: Callable | None = None) -> TestTimeRun:
     """Best-of-N / TTEO images for ``prompts`` with ``student`` (evaluators.suite.Student).
 
-    ``reward_factory(name, device)`` builds real scorers (evaluators.scorers); the world's clip and
+    ``reward_factory(name, device)`` builds real scorers (evaluators.networks.scorers); the world's clip and
     quality need none. Raises ValueError for a class-conditional checkpoint.
     """
     if student.teacher.conditioning != "text":

@@ -29,14 +29,14 @@ import torch
 
 WORLD_METRICS = ("world_fid", "world_clip", "geneval_world")
 SCORE_METRICS = ("clip", "hps", "hps_v21", "pickscore", "imagereward")
-# fid30k: text-to-image FID (COCO-30k, MJHQ-30k) through clean-fid's clean mode (H.5; evaluators.clean_fid)
+# fid30k: text-to-image FID (COCO-30k, MJHQ-30k) through clean-fid's clean mode (H.5; evaluators.metrics.clean_fid)
 # against --reference: clean-fid statistics (npz mu, sigma) or a folder of real images
 INCEPTION_METRICS = ("fid5k", "fid50k", "fid30k", "is", "prdc")
 METRICS = WORLD_METRICS + INCEPTION_METRICS + SCORE_METRICS + ("geneval",)
 TEST_TIME_METRICS = ("world_clip", "geneval_world") + SCORE_METRICS + ("geneval",)
 LOWER_IS_BETTER = ("world_fid", "fid5k", "fid50k", "fid30k")
 FIXED_COUNTS = {"fid5k": 5000, "fid50k": 50000, "fid30k": 30000}
-# the staged weight files (evaluators.weights keys) each metric reads
+# the staged weight files (evaluators.networks.weights keys) each metric reads
 WEIGHTS_NEEDED = {
     "fid5k": ("inception", "adm_ref"), "fid50k": ("inception", "adm_ref"),
     "fid30k": ("clean_fid_inception",), "is": ("inception",),
@@ -49,7 +49,7 @@ WEIGHTS_NEEDED = {
 
 def _geneval_values(name: str, summary: dict) -> dict:
     """overall as <name>, each task as <name>/<task> (GenEval's six task scores)."""
-    from evaluators.geneval import TASKS
+    from evaluators.geneval.official import TASKS
 
     out = {name: float(summary["overall"])}
     out.update({f"{name}/{task}": float(summary[task]) for task in TASKS if task in summary})
@@ -84,8 +84,8 @@ class EvalSettings:
 def reward_factory(name: str, device):
     """A differentiable real-network reward (HPS, PickScore, ImageReward) from staged weights: the
     ``reward_factory`` that training (trainers.state.build_context) and test-time scaling take."""
-    from evaluators.scorers import make_scorer
-    from evaluators.weights import set_offline_env
+    from evaluators.networks.scorers import make_scorer
+    from evaluators.networks.weights import set_offline_env
 
     set_offline_env()
     return make_scorer(name, device=device)
@@ -158,7 +158,7 @@ class Evaluator:
 
     def check_weights(self) -> None:
         """Fail before any generation if a staged file is missing (WeightsMissing names it)."""
-        from evaluators.weights import resolve
+        from evaluators.networks.weights import resolve
 
         tt = self.settings.test_time or {}
         # reward "clip" is the world's own CLIP on the world (checked when a real teacher uses it)
@@ -175,7 +175,7 @@ class Evaluator:
     # lazily built networks: an actor pays only for the metrics it is asked for
     def scorer(self, name: str):
         if name not in self._scorers:
-            from evaluators.scorers import make_scorer
+            from evaluators.networks.scorers import make_scorer
 
             self._scorers[name] = make_scorer(name, device=self.device, **self._paths_for(name))
         return self._scorers[name]
@@ -189,7 +189,7 @@ class Evaluator:
 
     def inception(self):
         if self._inception is None:
-            from evaluators.inception import load_inception
+            from evaluators.networks.inception import load_inception
 
             self._inception = load_inception(self.settings.paths.get("inception"), device=self.device)
         return self._inception
@@ -197,11 +197,11 @@ class Evaluator:
     def reference(self):
         """(mu, sigma, reference pool3 features or None) of the FID reference batch."""
         if self._reference is None:
-            from evaluators.fid import load_reference_stats
-            from evaluators.weights import resolve
+            from evaluators.metrics.fid import load_reference_stats
+            from evaluators.networks.weights import resolve
 
-            from evaluators.fid import feature_statistics
-            from evaluators.image_metrics import load_reference_images
+            from evaluators.metrics.fid import feature_statistics
+            from evaluators.metrics.image_metrics import load_reference_images
 
             ref = self.settings.reference
             if ref and Path(ref).is_dir():   # user images, e.g. COCO-30k or MJHQ-30k: stats made here
@@ -228,7 +228,7 @@ class Evaluator:
     # generation
     def _conditions(self, student: Student, n: int) -> tuple[list, list]:
         """n fixed conditions and the prompt of each (class name or caption)."""
-        from evaluators.world_eval import eval_conditions
+        from evaluators.metrics.world_eval import eval_conditions
         from softdimo.world.scenes import class_names
 
         if student.track == "c2i":
@@ -244,13 +244,13 @@ class Evaluator:
     def generate(self, student: Student, conds: list, temperature: float | None) -> torch.Tensor:
         """Images [N, 3, H, W] in [0, 1]: one-step samples at ``temperature``, or with
         ``temperature=None`` test-time-scaled ones (settings.test_time) for prompts ``conds``."""
-        from evaluators.world_eval import generate_images, student_sampler
+        from evaluators.metrics.world_eval import generate_images, student_sampler
 
         if temperature is None:
             return self._test_time(student, conds).images
         g, t = student.cfg.generator, student.teacher
         if student.teacher_steps:
-            from evaluators.world_eval import teacher_sampler
+            from evaluators.metrics.world_eval import teacher_sampler
 
             sample = teacher_sampler(t, student.teacher_steps, student.teacher_cfg, temperature,
                                      t.sampling["randomize"])
@@ -290,7 +290,7 @@ class Evaluator:
                 continue
             images, prompts = images_for(FIXED_COUNTS.get(metric, s.num_images))
             if metric == "world_fid":
-                from evaluators.world_eval import world_fid
+                from evaluators.metrics.world_eval import world_fid
 
                 ref = student.world.reference(student.track).images
                 out[metric], out[f"{metric}_se"] = world_fid(student.world.features, images, ref,
@@ -312,8 +312,8 @@ class Evaluator:
         return total / images_u8.shape[0]
 
     def _inception_metric(self, metric: str, images_u8: torch.Tensor) -> dict:
-        from evaluators.fid import feature_statistics, frechet_distance
-        from evaluators.image_metrics import inception_score, prdc
+        from evaluators.metrics.fid import feature_statistics, frechet_distance
+        from evaluators.metrics.image_metrics import inception_score, prdc
 
         if metric == "fid30k":
             return {metric: self._clean_fid30k(images_u8)}
@@ -330,7 +330,7 @@ class Evaluator:
 
     def _clean_fid30k(self, images_u8: torch.Tensor) -> float:
         """H.5's FID-30k: clean-fid, clean mode, against --reference (folder or npz; required)."""
-        from evaluators import clean_fid
+        from evaluators.metrics import clean_fid
 
         if not self.settings.reference:
             raise ValueError("fid30k needs --reference: clean-fid statistics (npz with mu, sigma) "
@@ -342,7 +342,7 @@ class Evaluator:
         return clean_fid.fid30k(images_u8, self.settings.reference, net, self.device, stats)
 
     def _geneval_world(self, student: Student, temperature: float) -> dict:
-        from evaluators.geneval_world import score_world_images, world_metadata
+        from evaluators.geneval.world import score_world_images, world_metadata
 
         if student.track != "t2i":
             raise ValueError("geneval_world needs a text-to-image checkpoint")
@@ -354,8 +354,8 @@ class Evaluator:
 
     def _geneval_official(self, student: Student, temperature: float) -> dict:
         """GenEval on the official metadata, detected by the HF Mask2Former (not mmdet: labelled)."""
-        from evaluators.detectors import Mask2FormerDetector
-        from evaluators.geneval import ClipColourClassifier, evaluate_images, load_metadata, summarise
+        from evaluators.geneval.detectors import Mask2FormerDetector
+        from evaluators.geneval.official import ClipColourClassifier, evaluate_images, load_metadata, summarise
 
         if student.track != "t2i":
             raise ValueError("geneval needs a text-to-image checkpoint")
@@ -370,7 +370,7 @@ class Evaluator:
                                         temperature))
         rows = evaluate_images(meta, images, ipp, detector, colours)
         if self.settings.geneval_results:
-            from evaluators.geneval_results import write_results
+            from evaluators.geneval.results import write_results
 
             write_results(rows, self.settings.geneval_results)
         return _geneval_values("geneval", summarise(rows))

@@ -95,7 +95,7 @@ def _targets(args) -> list[tuple[str, Path, str | None, int | None]]:
     from orchestrator.cli_common import find_checkpoint
     from trainers.checkpoint import read_meta
 
-    from orchestrator.layout import SweepLayout
+    from orchestrator.sweeping.layout import SweepLayout
 
     path = Path(args.target)
     layout = SweepLayout(path)
@@ -185,7 +185,7 @@ def evaluate_checkpoints(args) -> list[dict]:
     from tqdm.auto import tqdm
 
     from evaluators.suite import Evaluator
-    from evaluators.weights import WeightsMissing, set_offline_env
+    from evaluators.networks.weights import WeightsMissing, set_offline_env
     from trainers.state import resolve_device
 
     set_offline_env()
@@ -221,7 +221,7 @@ def evaluate_real_teacher(args) -> list[dict]:
     import torch
 
     from evaluators.suite import Evaluator
-    from evaluators.weights import WeightsMissing
+    from evaluators.networks.weights import WeightsMissing
     from orchestrator.config import load_config
     from trainers.state import resolve_device
 
@@ -250,7 +250,7 @@ def evaluate_real_teacher(args) -> list[dict]:
 def evaluate_teacher(args) -> list[dict]:
     import torch
 
-    from evaluators.world_eval import eval_conditions, generate_images, teacher_sampler, world_fid
+    from evaluators.metrics.world_eval import eval_conditions, generate_images, teacher_sampler, world_fid
     from softdimo.world.scenes import class_names
     from softdimo.world.store import load_world
     from trainers.state import resolve_device

@@ -59,7 +59,7 @@ def run_configs(args, configs: list, path: Path, meta: dict, cfg, ctx, net, prom
     """Run every configuration on ``prompts``; one line of summary per configuration."""
     from evaluators.suite import Student
     from evaluators.scaled_sampling import generate_scaled, label
-    from evaluators.weights import WeightsMissing
+    from evaluators.networks.weights import WeightsMissing
     from evaluators.suite import reward_factory
     from trainers.config import ConfigValueError
 

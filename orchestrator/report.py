@@ -20,7 +20,7 @@ from typing import Sequence
 
 from orchestrator import tracking
 from orchestrator.config import UserError, run_cli
-from orchestrator.layout import SweepLayout
+from orchestrator.sweeping.layout import SweepLayout
 
 SKIPPED = ("images_seen",)                  # a counter, not a result: not plotted by default
 LOWER_IS_BETTER = ("fid", "loss", "error")  # best value of an eval/ metric is its min, else max

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator.config import UserError, run_cli
-from orchestrator.layout import SweepLayout
-from orchestrator.sweep_config import SweepSpec, check_eval_weights, format_dry_run, load_sweep
-from orchestrator.sweep_schema import eval_settings
+from orchestrator.sweeping.layout import SweepLayout
+from orchestrator.sweeping.spec import SweepSpec, check_eval_weights, format_dry_run, load_sweep
+from orchestrator.sweeping.schema import eval_settings
 
 TABLE_METRICS = ("eval/world_fid", "eval/world_clip", "eval/geneval_world", "eval/fid5k", "eval/fid50k",
                  "eval/is", "eval/clip", "eval/hps_v21", "eval/imagereward", "eval/temperature",
@@ -254,7 +254,7 @@ def plan_resources(spec: SweepSpec, total: dict) -> tuple[int, float, int]:
 def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
                   cpus_per_worker: float, threads_per_worker: int):
     """The frozen context every trial and the evaluator pool get (CPU share from plan_resources)."""
-    from orchestrator.layout import EvalPlan, SweepContext, TrialScaling
+    from orchestrator.sweeping.layout import EvalPlan, SweepContext, TrialScaling
 
     sc, ev = spec.file.scaling, spec.file.evaluation
     return SweepContext(
@@ -272,10 +272,10 @@ def run_sweep(spec: SweepSpec, args) -> int:
     from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.pg_cleanup import OrphanGroupCleaner
-    from orchestrator.pool import EvalDispatch
-    from orchestrator.sweep_eval import finish_pool, latest_eval, start_pool
-    from orchestrator.trial import train_driver
+    from orchestrator.sweeping.pg_cleanup import OrphanGroupCleaner
+    from orchestrator.sweeping.pool import EvalDispatch
+    from orchestrator.sweeping.evaluation import finish_pool, latest_eval, start_pool
+    from orchestrator.sweeping.trial import train_driver
 
     progress = not args.quiet
     layout = spec.layout

@@ -57,7 +57,7 @@ def _run(args, cfg) -> int:
         torch.set_num_threads(args.threads)
     resolved = to_dict(cfg)
     from evaluators.suite import reward_factory
-    from evaluators.weights import WeightsMissing
+    from evaluators.networks.weights import WeightsMissing
     from softdimo.checkpoints import WeightsFileError
     from trainers.state import build_context
 

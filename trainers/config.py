@@ -16,7 +16,7 @@ from softdimo.teachers import FAMILIES, TEACHER_KINDS, WORLD_KINDS   # the regis
 
 WORLD_SPECS = ("full", "test")
 # clip, quality: the embedded world's own scorers; the rest are the real networks of
-# evaluators.scorers, loaded from staged weights ($SOFTDIMO_WEIGHTS)
+# evaluators.networks.scorers, loaded from staged weights ($SOFTDIMO_WEIGHTS)
 WORLD_REWARDS = ("clip", "quality")
 REWARD_NAMES = WORLD_REWARDS + ("hps", "hps_v21", "pickscore", "imagereward")
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,6 +1,6 @@
 """Data parallelism for the training loop, in plain ``torch.distributed`` (gloo on CPU, NCCL on GPU).
 
-Whoever launches the ranks (Ray Train in ``orchestrator.trial``, or torchrun) initialises the process
+Whoever launches the ranks (Ray Train in ``orchestrator.sweeping.trial``, or torchrun) initialises the process
 group; without one every function here is the identity, so a single process runs unchanged.
 
 Why not wrap the networks in ``DistributedDataParallel``: the teacher protocol runs a network

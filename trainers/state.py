@@ -98,7 +98,7 @@ def build_context(cfg: Config, progress: bool = True,
     """Load (building if missing) the embedded world and wrap its teacher, data and rewards.
 
     Rewards other than the world's own (clip, quality) come from ``reward_factory(name, device)``
-    (the orchestrator passes evaluators.scorers.make_scorer: this layer does not import it).
+    (the orchestrator passes evaluators.networks.scorers.make_scorer: this layer does not import it).
     """
     from softdimo.world.store import load_world
 

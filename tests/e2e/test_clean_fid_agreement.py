@@ -3,7 +3,7 @@ roots: tens of seconds on a quiet CPU, minutes on a loaded one, hence an e2e tes
 import pytest
 import torch
 
-from evaluators import clean_fid
+from evaluators.metrics import clean_fid
 from tests.unit.test_clean_fid import extractor, images, save   # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow

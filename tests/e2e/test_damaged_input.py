@@ -136,7 +136,7 @@ def test_train_bad_list_index_output_dir_and_second_writer(tmp_path):
     afile.write_text("x")
     one_line(cli("train", C2I, f"output_dir={afile}"), "output_dir", "existing file")
     one_line(cli("train", C2I, f"output_dir={afile}/sub"), "output_dir", "cannot be created")
-    from orchestrator import locks                      # this process is the first writer
+    from orchestrator import locks  # this process is the first writer
 
     out = tmp_path / "busy"
     out.mkdir()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evaluators.suite import EvalSettings, Evaluator
-from evaluators.weights import WeightsMissing
+from evaluators.networks.weights import WeightsMissing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_geneval_world_on_a_text_to_image_checkpoint(t2i_checkpoint):
 
 def test_inception_metrics_run_from_staged_files(c2i_checkpoint, tmp_path, monkeypatch):
     """IS and PRDC through the real Inception architecture (random weights staged as a file)."""
-    from evaluators.inception import InceptionV3
+    from evaluators.networks.inception import InceptionV3
 
     torch.manual_seed(0)
     net = InceptionV3()
@@ -93,7 +93,7 @@ def test_evaluate_cli_checkpoint_and_missing_weights(c2i_checkpoint, tmp_path):
 
 def test_teacher_baseline_through_the_suite_matches_the_world_route(test_world):
     """Evaluator.evaluate_teacher (any teacher, its own sampler) agrees with the world-FID route."""
-    from evaluators.world_eval import eval_conditions, generate_images, teacher_sampler, world_fid
+    from evaluators.metrics.world_eval import eval_conditions, generate_images, teacher_sampler, world_fid
     from orchestrator.config import load_config
     from softdimo.world.scenes import class_names
 

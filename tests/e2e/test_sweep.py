@@ -68,8 +68,8 @@ def mlflow_children(uri: str, name: str) -> list:
 
 
 def check_layout(sweep_dir: Path) -> None:
-    """Every file orchestrator.layout.SweepLayout names for a finished sweep is where the sweep wrote it."""
-    from orchestrator.layout import SweepLayout
+    """Every file orchestrator.sweeping.layout.SweepLayout names for a finished sweep is where the sweep wrote it."""
+    from orchestrator.sweeping.layout import SweepLayout
 
     layout = SweepLayout(sweep_dir)
     assert layout.state.is_file() and layout.marker.is_file() and layout.train.is_dir()
@@ -164,7 +164,7 @@ def test_default_tracking_server_resume_and_report(tmp_path, ray_session):
     for k, text in attempts.items():                                         # nothing retrained
         assert (tmp_path / "gan_mask/trials" / k / "attempts.jsonl").read_text() == text
 
-    from orchestrator import evaluate                 # outside the sweep: by sweep name and by run
+    from orchestrator import evaluate  # outside the sweep: by sweep name and by run
     assert evaluate.main(["gan_mask", "--output-dir", str(tmp_path), "--metrics", "world_clip",
                           "--num", "8", "--threads", "1"]) == 0
     for run in runs:
@@ -240,7 +240,7 @@ def test_nan_trial_fails_clearly_and_the_others_finish(tmp_path, ray_session):
     found = results(tmp_path / "nan")
     assert found["t000"]["step"] == 6
     assert found["t001"] is None
-    from orchestrator.layout import SweepLayout
+    from orchestrator.sweeping.layout import SweepLayout
 
     assert SweepLayout(tmp_path / "nan").trial("t001").failure == tmp_path / "nan/trials/t001/failure.json"
     failure = json.loads((tmp_path / "nan/trials/t001/failure.json").read_text())
@@ -298,7 +298,7 @@ def test_evaluator_pool_requeues_the_checkpoint_of_a_dead_actor(tmp_path, ray_se
     import ray
 
     from evaluators.suite import EvalSettings
-    from orchestrator.pool import EvalJob, EvaluatorPool
+    from orchestrator.sweeping.pool import EvalJob, EvaluatorPool
 
     got = []
     pool = EvaluatorPool(EvalSettings(metrics=["world_fid"], num_images=32), size=1, num_cpus=0.5,

@@ -94,7 +94,7 @@ def test_evaluator_reports_metrics_with_and_without_test_time_scaling(t2i_checkp
 
 
 def test_evaluator_accepts_world_reward_names_and_checks_real_ones(t2i_checkpoint, monkeypatch):
-    from evaluators.weights import WeightsMissing
+    from evaluators.networks.weights import WeightsMissing
 
     monkeypatch.delenv("SOFTDIMO_WEIGHTS", raising=False)
     tt = {"bon": 2, "iters": 2, "rewards": {"clip": 1.0, "quality": 0.02}}

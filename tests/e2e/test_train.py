@@ -145,7 +145,7 @@ def test_real_network_rewards_come_from_the_scorer_factory(tmp_path, test_world)
     open_clip ViT stands in for ViT-H-14 here); without staged weights the CLI stops at once."""
     import open_clip
 
-    from evaluators.clip_scores import HpsScorer
+    from evaluators.networks.clip_scores import HpsScorer
 
     torch.manual_seed(0)
     tiny = open_clip.create_model("ViT-B-32", pretrained=None)   # built from code, random weights

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluators import clean_fid
-from evaluators.inception import tf1_resize_bilinear
-from evaluators.weights import WeightsMissing
+from evaluators.metrics import clean_fid
+from evaluators.networks.inception import tf1_resize_bilinear
+from evaluators.networks.weights import WeightsMissing
 
 
 class _Layers(nn.Module):

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from evaluators import clip_scores as cs
-from evaluators.clip_scores import ClipScorer, HpsScorer, PickScorer
-from evaluators.scorers import SCORER_NAMES, Scorer, make_scorer
-from evaluators.weights import WEIGHTS_ENV, StateDictMismatch, WeightsMissing
+from evaluators.networks import clip_scores as cs
+from evaluators.networks.clip_scores import ClipScorer, HpsScorer, PickScorer
+from evaluators.networks.scorers import SCORER_NAMES, Scorer, make_scorer
+from evaluators.networks.weights import WEIGHTS_ENV, StateDictMismatch, WeightsMissing
 
 TINY = "softdimo-test-tiny-clip"
 TINY_CFG = {"embed_dim": 16,
@@ -355,9 +355,9 @@ def test_make_scorer_dispatches_imagereward_and_rejects_unknown_names(monkeypatc
         def __call__(self, images, prompts):
             return images.mean(dim=(1, 2, 3))
 
-    module = types.ModuleType("evaluators.image_reward")
+    module = types.ModuleType("evaluators.networks.image_reward")
     module.ImageRewardScorer = FakeImageReward
-    monkeypatch.setitem(sys.modules, "evaluators.image_reward", module)
+    monkeypatch.setitem(sys.modules, "evaluators.networks.image_reward", module)
     scorer = make_scorer("imagereward", device="meta", path="ir.pt", vocab="vocab.txt")
     assert isinstance(scorer, Scorer)
     assert built == {"path": "ir.pt", "med_config": None, "vocab": "vocab.txt", "device": "meta"}

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from evaluators.detectors import (GENEVAL_CLASSES, MASK2FORMER_NAME, Detection, Detector,
+from evaluators.geneval.detectors import (GENEVAL_CLASSES, MASK2FORMER_NAME, Detection, Detector,
                                   Mask2FormerDetector, WorldSceneDetector, box_from_mask,
                                   shape_masks, to_hwc_uint8)
-from evaluators.geneval import TASKS, object_crops, relative_position, save_metadata
-from evaluators.geneval_world import (WorldColourClassifier, evaluate_world_images,
+from evaluators.geneval.official import TASKS, object_crops, relative_position, save_metadata
+from evaluators.geneval.world import (WorldColourClassifier, evaluate_world_images,
                                       load_world_metadata, metadata_from_scene, render_witnesses,
                                       robust_relations, score_world_images, world_metadata)
 from softdimo.world import scenes as S
@@ -183,7 +183,7 @@ def test_mask2former_adapter_rejects_labels_outside_geneval():
 
 
 def test_mask2former_loads_from_a_local_folder_only(tmp_path):
-    pytest.importorskip("evaluators.weights")
+    pytest.importorskip("evaluators.networks.weights")
     model, processor = tiny_mask2former()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import evaluators.fid as fid
-from evaluators.fid import (RunningStats, feature_statistics, fid_from_features, frechet_distance,
+import evaluators.metrics.fid as fid
+from evaluators.metrics.fid import (RunningStats, feature_statistics, fid_from_features, frechet_distance,
                             load_reference_stats)
 
 
@@ -147,7 +147,7 @@ def test_load_reference_stats_rejects_malformed_files(tmp_path, arrays, match):
 
 
 def test_bootstrap_se_is_the_evaluations_sampling_noise_and_shrinks_with_more_images():
-    from evaluators.fid import fid_bootstrap_se
+    from evaluators.metrics.fid import fid_bootstrap_se
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(4000, 8))
     small, large = rng.normal(0.3, 1.0, size=(200, 8)), rng.normal(0.3, 1.0, size=(3200, 8))

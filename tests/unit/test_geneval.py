@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluators.detectors import Detection
-from evaluators.geneval import (COLORS, TASKS, ClipColourClassifier, MetadataError, Rules,
+from evaluators.geneval.detectors import Detection
+from evaluators.geneval.official import (COLORS, TASKS, ClipColourClassifier, MetadataError, Rules,
                                 evaluate_image, evaluate_images, filter_detections,
                                 load_metadata, object_crops, relative_position, save_metadata,
                                 summarise, validate_metadata)
@@ -305,7 +305,7 @@ def test_metadata_rejects_broken_json_non_objects_and_empty_files(tmp_path):
 
 
 def test_the_official_file_comes_from_the_weights_registry(tmp_path, monkeypatch):
-    weights = pytest.importorskip("evaluators.weights")
+    weights = pytest.importorskip("evaluators.networks.weights")
     monkeypatch.setenv(weights.WEIGHTS_ENV, str(tmp_path))
     with pytest.raises(weights.WeightsMissing, match="geneval_meta"):
         load_metadata()
@@ -355,7 +355,7 @@ def test_clip_colour_classifier_is_a_zero_shot_argmax():
 
 
 def test_clip_colour_classifier_loads_a_local_state_dict_strictly(tmp_path):
-    weights = pytest.importorskip("evaluators.weights")
+    weights = pytest.importorskip("evaluators.networks.weights")
     import open_clip
     from safetensors.torch import save_file
     cfg, model, _, _ = tiny_clip()

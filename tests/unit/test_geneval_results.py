@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from evaluators.detectors import Detection
-from evaluators.geneval import Rules, evaluate_images, filter_detections, summarise
-from evaluators.geneval_results import KEYS, read_results, write_results
+from evaluators.geneval.detectors import Detection
+from evaluators.geneval.official import Rules, evaluate_images, filter_detections, summarise
+from evaluators.geneval.results import KEYS, read_results, write_results
 
 DOG = {"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "a photo of two dogs"}
 CAT = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}
@@ -76,7 +76,7 @@ def test_exact_score_ties_keep_the_later_detection_first():
 
 
 def test_cli_summarises_a_results_file(tmp_path, capsys):
-    from evaluators.geneval_results import main
+    from evaluators.geneval.results import main
 
     path = write_results(rows(), tmp_path / "results.jsonl")
     assert main([str(path)]) == 0

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluators.fid import feature_statistics, frechet_distance
-from evaluators.image_metrics import ImageMetrics, inception_score, load_reference_images, prdc
+from evaluators.metrics.fid import feature_statistics, frechet_distance
+from evaluators.metrics.image_metrics import ImageMetrics, inception_score, load_reference_images, prdc
 
 
 pytestmark = pytest.mark.usefixtures("no_network")

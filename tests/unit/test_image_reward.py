@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from evaluators.blip import BlipConfig
-from evaluators.image_reward import (REWARD_MEAN, REWARD_STD, POSITION_IDS_KEY, ImageReward,
+from evaluators.networks.blip import BlipConfig
+from evaluators.networks.image_reward import (REWARD_MEAN, REWARD_STD, POSITION_IDS_KEY, ImageReward,
                                      ImageRewardScorer, key_list, load_image_reward, load_tokenizer,
                                      preprocess)
-from evaluators.weights import StateDictMismatch, WeightsMissing
+from evaluators.networks.weights import StateDictMismatch, WeightsMissing
 
 WORDS = ["a", "red", "cat", "on", "the", "mat", "dog", "blue", "sky", "##s"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluators.inception import (INPUT_SIZE, InceptionV3, extract_features, load_inception,
+from evaluators.networks.inception import (INPUT_SIZE, InceptionV3, extract_features, load_inception,
                                   tf1_resize_bilinear)
 
 
@@ -145,7 +145,7 @@ def test_load_inception_lists_missing_and_unexpected_keys(tmp_path, net):
 
 
 def test_load_inception_needs_an_existing_file(tmp_path, monkeypatch):
-    from evaluators.weights import WeightsMissing
+    from evaluators.networks.weights import WeightsMissing
     monkeypatch.delenv("SOFTDIMO_WEIGHTS", raising=False)
     with pytest.raises(WeightsMissing):
         load_inception(tmp_path / "absent.pth")

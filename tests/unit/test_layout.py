@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.layout import SweepContext, SweepLayout, TrialScaling, TrialSpec
-from orchestrator.sweep_config import load_sweep
+from orchestrator.sweeping.layout import SweepContext, SweepLayout, TrialScaling, TrialSpec
+from orchestrator.sweeping.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,7 +96,7 @@ def test_sweep_context_is_frozen_and_carries_the_planned_scaling(tmp_path):
 
 def test_sweep_evaluation_section_maps_onto_eval_settings(tmp_path):
     from evaluators.suite import EvalSettings
-    from orchestrator.sweep_schema import EvaluationSection, eval_settings
+    from orchestrator.sweeping.schema import EvaluationSection, eval_settings
 
     section = EvaluationSection(metrics=["world_fid", "world_clip"], num_images=64, seed=3,
                                 weights={"inception": "/w/i.pth"}, geneval_prompts_per_task=2)
@@ -123,7 +123,7 @@ class Changed(suite.EvalSettings):
 
 suite.EvalSettings = Changed
 from orchestrator import evaluate
-from orchestrator.sweep_schema import EvaluationSection, eval_settings
+from orchestrator.sweeping.schema import EvaluationSection, eval_settings
 
 section = EvaluationSection()
 assert (section.metrics, section.num_images, section.seed) == (["world_clip"], 123, 7), section

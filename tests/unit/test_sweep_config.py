@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import UserError
-from orchestrator.sweep_config import SweepFile, SweepSpec, Trial, format_dry_run, load_sweep
+from orchestrator.sweeping.spec import SweepFile, SweepSpec, Trial, format_dry_run, load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 C2I = ROOT / "sweeps" / "presets" / "tiny_c2i.yaml"
@@ -187,7 +187,7 @@ def test_clip_weight_keeps_quality_at_one_and_reports_test_time_scaling(tmp_path
     for trial in spec.trials:
         assert trial.config["reward"]["terms"][0] == {"name": "quality", "weight": 1.0}
         assert trial.config["reward"]["terms"][1]["name"] == "clip"
-    from orchestrator.sweep_schema import eval_settings
+    from orchestrator.sweeping.schema import eval_settings
 
     settings = eval_settings(spec.file.evaluation)
     assert settings.test_time["bon"] == 4 and settings.test_time["iters"] == 4

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from evaluators.weights import (WEIGHT_FILES, WEIGHTS_ENV, StateDictMismatch, WeightsMissing,
+from evaluators.networks.weights import (WEIGHT_FILES, WEIGHTS_ENV, StateDictMismatch, WeightsMissing,
                                 expected_files, load_strict, resolve, set_offline_env)
 
 BRIEF_KEYS = {"inception", "clean_fid_inception", "adm_ref", "clip_g14", "hps_v2", "hps_v21", "pickscore",

@@ -4,13 +4,13 @@ H.5: the 30k generated images are "resized to 256×256 and compared with 40,504 
 same validation set using clean-FID". clean-fid's clean mode resizes each uint8 image to 299×299
 with PIL's bicubic filter (antialiased, on float32 channels, no quantisation after) and feeds it to
 the StyleGAN2-ADA TorchScript port of the TF-2015 Inception (``(x − 128) / 128`` inside). That is
-not the ADM protocol of ``evaluators.inception`` (TF1 bilinear resize without antialiasing inside
+not the ADM protocol of ``evaluators.networks.inception`` (TF1 bilinear resize without antialiasing inside
 the network), which stays the ImageNet FID-5k/50k path.
 
 Everything numerical is clean-fid's own code (``cleanfid.resize.build_resizer("clean")``,
 ``cleanfid.inception_torchscript.InceptionV3W``, ``cleanfid.fid.get_folder_features`` for reference
 folders, ``cleanfid.fid.frechet_distance``); this module only feeds it in-memory images and a local
-Inception file. The file comes from ``$SOFTDIMO_WEIGHTS`` (``evaluators.weights`` key
+Inception file. The file comes from ``$SOFTDIMO_WEIGHTS`` (``evaluators.networks.weights`` key
 ``clean_fid_inception``) and is a TorchScript archive, read with ``torch.jit.load``; nothing is
 downloaded.
 """
@@ -35,7 +35,7 @@ def load_extractor(path: str | Path | None = None, device: str | torch.device = 
     """
     from cleanfid.inception_torchscript import InceptionV3W
 
-    from evaluators.weights import WeightsMissing, resolve
+    from evaluators.networks.weights import WeightsMissing, resolve
 
     file = resolve("clean_fid_inception", path)
     if file.name != FILE_NAME:

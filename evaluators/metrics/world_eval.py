@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluators.fid import fid_bootstrap_se, fid_from_features
+from evaluators.metrics.fid import fid_bootstrap_se, fid_from_features
 from softdimo.teachers.protocol import Teacher
 from trainers.sampling import one_step_tokens
 

@@ -2,7 +2,7 @@
 
 The world's t2i captions already follow GenEval's task grammar (softdimo/world/scenes.py), so each
 scene becomes one GenEval metadata line with the world's caption as its prompt; images are scored
-by the same rules (evaluators/geneval.py) with the world's exact scene parser as the detector and
+by the same rules (evaluators/geneval/official.py) with the world's exact scene parser as the detector and
 the world's palette as the colour classifier.
 
 Vocabulary: classes are the world's shape names and colours the world's own colour names
@@ -27,8 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from evaluators.detectors import WorldSceneDetector
-from evaluators.geneval import (RELATIONS, TASKS, Rules, evaluate_images, load_metadata,
+from evaluators.geneval.detectors import WorldSceneDetector
+from evaluators.geneval.official import (RELATIONS, TASKS, Rules, evaluate_images, load_metadata,
                                 summarise, validate_metadata)
 from softdimo.world.scenes import (BACKGROUND, COLOURS, PALETTE, POSITION_THRESHOLD, SHAPES,
                                    Scene, SceneObject, render, scene_from_dict, scene_to_dict)

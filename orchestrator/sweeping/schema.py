@@ -1,6 +1,6 @@
 """The sweep file's typed schema (OmegaConf structured dataclasses: unknown keys are refused).
 
-``orchestrator.sweep_config`` loads, validates and expands files of this shape into trials.
+``orchestrator.sweeping.spec`` loads, validates and expands files of this shape into trials.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from evaluators.suite import EvalSettings
-from orchestrator.layout import SweepLayout, TrialSpec
+from orchestrator.sweeping.layout import SweepLayout, TrialSpec
 from trainers.config import TestTime
 
 

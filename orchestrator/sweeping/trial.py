@@ -24,7 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
-from orchestrator.layout import SweepContext, TrialSpec
+from orchestrator.sweeping.layout import SweepContext, TrialSpec
 
 
 class TrialError(RuntimeError):

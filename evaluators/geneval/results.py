@@ -12,7 +12,7 @@ djghosh13/geneval's ``evaluation/evaluate_images.py`` writes one JSON object per
   class (threshold, order, max_objects), as ``box.tolist()`` of mmdet's rows.
 
 Its ``summary_scores.py`` groups prompts by the ``metadata`` string and tasks by ``tag``; our
-``evaluators.geneval.summarise`` does the same, so it reads official files and the official script
+``evaluators.geneval.official.summarise`` does the same, so it reads official files and the official script
 reads ours.
 """
 from __future__ import annotations
@@ -67,15 +67,15 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m evaluators.geneval_results results.jsonl``: GenEval's summary of a results file
+    """``python -m evaluators.geneval.results results.jsonl``: GenEval's summary of a results file
     (ours or the official tool's)."""
     import sys
 
-    from evaluators.geneval import summarise
+    from evaluators.geneval.official import summarise
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m evaluators.geneval_results RESULTS.jsonl", file=sys.stderr)
+        print("usage: python -m evaluators.geneval.results RESULTS.jsonl", file=sys.stderr)
         return 2
     try:
         summary = summarise(read_results(args[0]))

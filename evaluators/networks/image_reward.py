@@ -1,7 +1,7 @@
 """ImageReward (Xu et al., 2023) as an in-project port: an evaluation metric and a differentiable reward.
 
 The `image-reward` package cannot be installed next to transformers 5 / open_clip >= 3, so the network is
-rebuilt here (encoders in evaluators/blip.py) and the published `ImageReward.pt` is loaded into it:
+rebuilt here (encoders in evaluators/networks/blip.py) and the published `ImageReward.pt` is loaded into it:
 
     h = BERT(prompt tokens, cross-attending in every layer to the ViT's image tokens)
     reward = (head(h[CLS]) - 0.16717...) / 1.03333...
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertTokenizer
 
-from evaluators.blip import Blip, BlipConfig
-from evaluators.weights import StateDictMismatch, resolve
+from evaluators.networks.blip import Blip, BlipConfig
+from evaluators.networks.weights import StateDictMismatch, resolve
 
 REWARD_MEAN = 0.16717362830052426    # published normalisation of the raw head output
 REWARD_STD = 1.0333394966054072
@@ -176,7 +176,7 @@ class ImageRewardScorer:
     """Scorer: images [B, 3, H, W] in [0, 1] and B prompts -> normalised ImageReward [B], differentiable
     with respect to the images (parameters frozen).
 
-    Paths default to the staged weights (evaluators.weights keys "imagereward", "imagereward_med",
+    Paths default to the staged weights (evaluators.networks.weights keys "imagereward", "imagereward_med",
     "bert_vocab"); `model` / `tokenizer` may be given instead (tests, or a model already loaded).
     """
 

@@ -2,7 +2,7 @@
 
 ImageReward (Xu et al., 2023) scores a (prompt, image) pair with BLIP: a ViT-L/16 turns the image into
 tokens, a BERT-base reads the prompt and attends to those tokens in every layer, and the [CLS] state feeds
-a small head (evaluators/image_reward.py). This file rebuilds the two encoders from their published
+a small head (evaluators/networks/image_reward.py). This file rebuilds the two encoders from their published
 description so the published `ImageReward.pt` loads with a strict key check; module and parameter names
 follow that state dict (BLIP's `vit.py` and `med.py`, read for names, shapes and layer order only).
 

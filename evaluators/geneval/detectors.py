@@ -1,6 +1,6 @@
 """Object detectors for GenEval: one protocol, the embedded world's exact parser, HF Mask2Former.
 
-GenEval's rules (evaluators/geneval.py) only need, per image, a list of detections with a class
+GenEval's rules (evaluators/geneval/official.py) only need, per image, a list of detections with a class
 name, a confidence, a box and a mask. Two back-ends produce them:
 
 - WorldSceneDetector parses the embedded world's images (softdimo/world/scenes.py) by analysis by
@@ -286,7 +286,7 @@ class Mask2FormerDetector:
         """Model + processor from a LOCAL HF folder (weights key "mask2former"); never the hub."""
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        from evaluators.weights import StateDictMismatch, resolve
+        from evaluators.networks.weights import StateDictMismatch, resolve
         folder = resolve("mask2former", path)
         model, info = Mask2FormerForUniversalSegmentation.from_pretrained(
             str(folder), local_files_only=True, output_loading_info=True)

@@ -23,8 +23,8 @@ from evaluators.suite import METRICS, TEST_TIME_METRICS
 from orchestrator.config import (UserError, assign, check_files, key_problem, load_yaml, merge_checked,
                                  parse_value, split_override, to_dict, validated)
 from softdimo.teachers import TeacherFilesMissing
-from orchestrator.layout import SweepLayout
-from orchestrator.sweep_schema import SweepFile, SweepSpec, Trial
+from orchestrator.sweeping.layout import SweepLayout
+from orchestrator.sweeping.schema import SweepFile, SweepSpec, Trial
 from trainers.config import Config, ConfigValueError, check_test_time, check_values
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
@@ -250,7 +250,7 @@ def check_eval_weights(spec: SweepSpec) -> None:
     from dataclasses import asdict
 
     from evaluators.suite import EvalSettings, Evaluator
-    from evaluators.weights import WeightsMissing
+    from evaluators.networks.weights import WeightsMissing
     from softdimo.checkpoints import WeightsFileError, check_weight_paths
 
     try:

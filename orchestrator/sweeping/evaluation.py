@@ -10,8 +10,8 @@ import json
 import sys
 
 from orchestrator import tracking
-from orchestrator.layout import SweepContext
-from orchestrator.pool import ACTIVE, EvalJob, EvaluatorPool
+from orchestrator.sweeping.layout import SweepContext
+from orchestrator.sweeping.pool import ACTIVE, EvalJob, EvaluatorPool
 
 
 def evaluated(sweep_ctx: SweepContext, key: str) -> list[dict]:

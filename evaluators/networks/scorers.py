@@ -2,8 +2,8 @@
 
 A scorer maps images [B, 3, H, W] float in [0, 1] and B prompts to B scores (higher is better),
 differentiably in the images, so evaluation (under ``torch.no_grad``) and reward training use the
-same object. CLIP score, HPSv2/v2.1 and PickScore live in ``evaluators.clip_scores``, ImageReward
-in ``evaluators.image_reward``; the world's stand-ins (softdimo.world) have the same call.
+same object. CLIP score, HPSv2/v2.1 and PickScore live in ``evaluators.networks.clip_scores``, ImageReward
+in ``evaluators.networks.image_reward``; the world's stand-ins (softdimo.world) have the same call.
 """
 from __future__ import annotations
 
@@ -24,24 +24,24 @@ class Scorer(Protocol):
 
 
 def _clip(device: str | torch.device, **paths: Any) -> Scorer:
-    from evaluators.clip_scores import ClipScorer
+    from evaluators.networks.clip_scores import ClipScorer
     return ClipScorer(device=device, **paths)
 
 
 def _hps(version: str) -> Callable[..., Scorer]:
     def build(device: str | torch.device, **paths: Any) -> Scorer:
-        from evaluators.clip_scores import HpsScorer
+        from evaluators.networks.clip_scores import HpsScorer
         return HpsScorer(version=version, device=device, **paths)
     return build
 
 
 def _pickscore(device: str | torch.device, **paths: Any) -> Scorer:
-    from evaluators.clip_scores import PickScorer
+    from evaluators.networks.clip_scores import PickScorer
     return PickScorer(device=device, **paths)
 
 
 def _imagereward(device: str | torch.device, **paths: Any) -> Scorer:
-    from evaluators.image_reward import ImageRewardScorer
+    from evaluators.networks.image_reward import ImageRewardScorer
     return ImageRewardScorer(device=device, **paths)
 
 
@@ -56,7 +56,7 @@ def make_scorer(name: str, device: str | torch.device = "cpu", **paths: Any) -> 
     """Build scorer ``name`` on ``device``; ``paths`` go to its constructor, e.g.
     ``make_scorer("pickscore", path=..., processor=...)``, ``make_scorer("clip", path=...)``,
     ``make_scorer("imagereward", path=..., med_config=..., vocab=...)``. Paths left out are found
-    under $SOFTDIMO_WEIGHTS (evaluators.weights); a missing file raises WeightsMissing."""
+    under $SOFTDIMO_WEIGHTS (evaluators.networks.weights); a missing file raises WeightsMissing."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORER_NAMES)}")
     return _BUILDERS[name](device, **paths)

@@ -28,7 +28,7 @@ class EvaluatorActor:
         import torch
 
         from evaluators.suite import Evaluator
-        from evaluators.weights import set_offline_env
+        from evaluators.networks.weights import set_offline_env
 
         set_offline_env()
         torch.set_num_threads(max(1, threads))

@@ -2,7 +2,7 @@
 
 Each scorer maps images [B, 3, H, W] float in [0, 1] and B prompts to B scores, differentiably in
 the images, so the same object is an evaluation metric and a training reward. Networks are built
-from code and loaded from local files found by ``evaluators.weights.resolve`` (never a hub id);
+from code and loaded from local files found by ``evaluators.networks.weights.resolve`` (never a hub id);
 parameters are frozen and text embeddings are cached per prompt.
 
 The PIL steps of the reference pipelines are replaced by tensor operations:
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from evaluators.weights import StateDictMismatch, load_strict, resolve
+from evaluators.networks.weights import StateDictMismatch, load_strict, resolve
 
 # OpenAI CLIP's normalisation: open_clip's ViT-g-14/ViT-H-14 default and PickScore's processor
 MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -186,7 +186,7 @@ class SweepContext:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One trial of the expanded sweep (orchestrator.sweep_schema.Trial, as sent to Ray)."""
+    """One trial of the expanded sweep (orchestrator.sweeping.schema.Trial, as sent to Ray)."""
     key: str
     label: str
     overrides: dict

@@ -8,7 +8,7 @@ Pure functions of feature arrays (N images, D feature dim; pool3 D=2048, logits 
   from k-nearest-neighbour balls, computed in row blocks with ``torch.cdist`` so that 50k × 10k
   sets never build the full distance matrix (memory O(chunk × N)).
 - ``ImageMetrics``: streams InceptionV3 outputs batch by batch and computes all of the above plus
-  FID against reference statistics (``evaluators.fid.load_reference_stats``).
+  FID against reference statistics (``evaluators.metrics.fid.load_reference_stats``).
 
 Paper convention: precision/recall with k=3 (ADM, torch-fidelity), density/coverage with k=5 (Naeem
 et al.), reference set = the 10k ``arr_0`` images of the ADM reference batch (``load_reference_images``).
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluators.fid import RunningStats, frechet_distance
+from evaluators.metrics.fid import RunningStats, frechet_distance
 
 IS_SPLIT_SIZE = 5000
 PR_K = 3

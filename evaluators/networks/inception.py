@@ -250,7 +250,7 @@ def _checked_state_dict(net: nn.Module, state: dict, source: str) -> dict:
 
 def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> InceptionV3:
     """The FID Inception from ``path`` (else the staged weights key "inception"), in eval mode, frozen."""
-    from evaluators.weights import resolve   # lazy: the registry is only needed when loading weights
+    from evaluators.networks.weights import resolve   # lazy: the registry is only needed when loading weights
 
     file = resolve("inception", path)
     state = torch.load(file, map_location="cpu", weights_only=True)

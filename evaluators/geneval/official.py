@@ -1,7 +1,7 @@
 """GenEval (Ghosh et al. 2023): prompt metadata, per-image rules, aggregation, colour classifiers.
 
 A faithful re-implementation of djghosh13/geneval's `evaluate_images.py` + `summary_scores.py`
-over a pluggable detector (evaluators/detectors.py) and colour classifier, because the official
+over a pluggable detector (evaluators/geneval/detectors.py) and colour classifier, because the official
 mmdet 2.x / mmcv stack does not install on this project's torch (evaluators.md §11.2).
 
 Per image (``evaluate_image``): keep each class's detections scoring > 0.3 (0.9 for counting
@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from evaluators.detectors import GENEVAL_CLASSES, Detection, Detector, to_hwc_uint8
+from evaluators.geneval.detectors import GENEVAL_CLASSES, Detection, Detector, to_hwc_uint8
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -116,7 +116,7 @@ def load_metadata(path: str | Path | None = None, classes: Sequence[str] | None 
     Blank lines are skipped; errors name the file and 1-based line number.
     """
     if path is None or not Path(path).is_file():
-        from evaluators.weights import resolve    # lazy: only the staged-file path needs it
+        from evaluators.networks.weights import resolve    # lazy: only the staged-file path needs it
         path = resolve("geneval_meta", path)
     out = []
     for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -278,9 +278,9 @@ def evaluate_images(metadata: Sequence[Mapping], images: torch.Tensor | Sequence
                     rules: Rules = Rules()) -> list[dict]:
     """Score images [N = len(metadata) × images_per_prompt, 3, H, W] uint8, prompt-major
     (images[i·k + j] is image j of prompt i) -> one row per image in the official results.jsonl
-    schema (evaluators.geneval_results.official_row): filename, tag, prompt, correct, reason,
+    schema (evaluators.geneval.results.official_row): filename, tag, prompt, correct, reason,
     metadata (the prompt's line as a JSON string), details (kept boxes per class, as JSON)."""
-    from evaluators.geneval_results import official_row
+    from evaluators.geneval.results import official_row
 
     if len(images) != len(metadata) * images_per_prompt:
         raise ValueError(f"expected {len(metadata)} prompts × {images_per_prompt} images = "
@@ -370,7 +370,7 @@ class ClipColourClassifier:
         state dict at path (weights key "clip_l14"), loaded with a strict key check."""
         import open_clip
 
-        from evaluators.weights import load_strict, resolve
+        from evaluators.networks.weights import load_strict, resolve
         file = resolve("clip_l14", path)
         with torch.device(device):     # initialise on the target device: ViT-L is 428M params
             model, _, preprocess = open_clip.create_model_and_transforms(
