@@ -54,7 +54,9 @@ def step_config(bench, batch: int, device: torch.device, joint: bool, precision:
     overrides = [f"train.batch_size={batch}", f"train.device={device.type}",
                  f"train.precision={precision}", f"output_dir={tempfile.gettempdir()}/step_bench",
                  "train.warmup_steps=0"]
-    if not joint:
+    if joint:   # the steady-state joint step: past the presets' 1000-step GAN warm-up (Fig. 9/12)
+        overrides += ["gan.start_step=0"]
+    else:
         overrides += ["gan.weight=0", "reward.weight=0"]
     node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(bench.preset),
                            OmegaConf.from_dotlist(overrides))

@@ -61,10 +61,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_worlds(spec: SweepSpec, progress: bool) -> None:
-    """Build or load each embedded world the trials use, and pin its cache folder in the configs."""
+def pin_worlds(spec: SweepSpec) -> dict[tuple[str, str], set[str]]:
+    """Pin each embedded world's cache folder in the trial configs (cheap: nothing is built); returns
+    the components each (world spec, cache) needs."""
     from softdimo.world.layout import default_cache_dir
-    from softdimo.world.store import load_world
 
     needs: dict[tuple[str, str], set[str]] = {}
     for trial in spec.trials:
@@ -77,6 +77,13 @@ def prepare_worlds(spec: SweepSpec, progress: bool) -> None:
                      if trial.config["reward"]["weight"] > 0}
             needs.setdefault((world["spec"], cache), set()).update(
                 {kind[len("world_"):]} | terms & {"clip", "quality"})
+    return needs
+
+
+def build_worlds(needs: dict[tuple[str, str], set[str]], progress: bool) -> None:
+    """Build what the trials need of each world here, once, not inside a trial."""
+    from softdimo.world.store import load_world
+
     for (name, cache), components in needs.items():
         load_world(name, cache, build_if_missing=True, progress=progress, needs=sorted(components))
 
@@ -416,8 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     lock = _lock(spec)            # before any work: a second driver stops here, in one line
     try:
-        prepare_worlds(spec, progress=not args.quiet)   # pins each world's cache folder in the configs
-        _check_folder(spec, args)
+        needs = pin_worlds(spec)      # the pinned cache folders are part of what --resume compares
+        _check_folder(spec, args)     # refuse a foreign folder before minutes of world building
+        build_worlds(needs, progress=not args.quiet)
         return run_sweep(spec, args)
     finally:
         locks.release(lock)
