@@ -6,11 +6,12 @@
 Clones the repository's HEAD into ``OUT/clone`` (so uncommitted files do not count), points
 ``SOFTDIMO_CACHE`` at an empty ``OUT/cache`` and runs ``python -m orchestrator.sweep <sweep>`` in
 the clone, as a new user would after ``pip install -e``. Every output line is time-stamped; the
-machine's busy cores are sampled from /proc/stat every second. The stages are cut at the sweep's
+machine's busy cores (/proc/stat) and the CPU time of the command's own process tree
+(/proc/<pid>/stat, Ray's processes included) are sampled every second. The stages are cut at the sweep's
 own lines: start-up until the first world component starts, the world build until the trial plan
 is printed, the trials (with their evaluations) until the results table, then the end.
 Writes ``OUT/timeline.txt`` (every line with its time) and ``OUT/stages.md``; prints the table.
-This measures the whole machine: run it on a quiet one.
+The command's own cores are meaningful on a busy machine too; its times are not: run it on a quiet one.
 """
 from __future__ import annotations
 
@@ -34,22 +35,43 @@ def busy_cores() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
-class Sampler(threading.Thread):
-    """Busy-core samples (time, busy cores) once a second until stopped."""
+def tree_jiffies(root: int) -> dict[int, float]:
+    """utime + stime of every live process under ``root`` (Ray's raylet and workers included)."""
+    parent, cpu = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d.name)], cpu[int(d.name)] = int(f[1]), float(f[11]) + float(f[12])
+    keep, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in keep]
+        keep.update(kids)
+        frontier = kids
+    return {p: cpu[p] for p in keep if p in cpu}
 
-    def __init__(self):
+
+class Sampler(threading.Thread):
+    """Once a second until stopped: (time, busy cores of the machine, busy cores of the command's
+    process tree). A process that ends between samples loses its last second at most."""
+
+    def __init__(self, root: int):
         super().__init__(daemon=True)
-        self.samples: list[tuple[float, float]] = []
+        self.root = root
+        self.samples: list[tuple[float, float, float]] = []
         self.stop = threading.Event()
 
     def run(self):
-        cores = os.cpu_count() or 1
-        last = busy_cores()
+        cores, hz = os.cpu_count() or 1, os.sysconf("SC_CLK_TCK")
+        last, last_tree, last_t = busy_cores(), tree_jiffies(self.root), time.time()
         while not self.stop.wait(1.0):
-            now = busy_cores()
+            now, tree, t = busy_cores(), tree_jiffies(self.root), time.time()
             total = now[1] - last[1]
-            self.samples.append((time.time(), cores * (now[0] - last[0]) / total if total else 0.0))
-            last = now
+            own = sum(max(0.0, v - last_tree.get(p, 0.0)) for p, v in tree.items()) / hz / (t - last_t)
+            self.samples.append((t, cores * (now[0] - last[0]) / total if total else 0.0, own))
+            last, last_tree, last_t = now, tree, t
 
 
 def stages(lines: list[tuple[float, str]], start: float, end: float) -> list[tuple[str, float, float]]:
@@ -76,11 +98,11 @@ def main() -> int:
     env = {**os.environ, "SOFTDIMO_CACHE": str(out / "cache"), "PYTHONPATH": str(out / "clone"),
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "orchestrator.sweep", args.sweep, *args.extra]
-    sampler = Sampler()
-    sampler.start()
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=out / "clone", env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
+    sampler = Sampler(proc.pid)
+    sampler.start()
     lines = []
     with open(out / "timeline.txt", "w") as log:
         for text in proc.stdout:
@@ -94,14 +116,19 @@ def main() -> int:
     sampler.join()
     rows = [f"`{' '.join(cmd[1:])}` in a fresh clone of {commit}, empty cache, "
             f"{os.cpu_count()} cores; exit {rc}", "",
-            "| stage | start (s) | seconds | mean busy cores |", "|---|---|---|---|"]
+            "| stage | start (s) | seconds | cores busy with the command | cores busy, whole machine |",
+            "|---|---|---|---|---|"]
+
+    def means(t0: float, t1: float) -> str:
+        got = [(m, o) for t, m, o in sampler.samples if t0 <= t < t1]
+        if not got:
+            return "- | -"
+        return f"{sum(o for _, o in got) / len(got):.2f} | {sum(m for m, _ in got) / len(got):.2f}"
+
     for name, t0, t1 in stages(lines, start, end):
-        busy = [b for t, b in sampler.samples if t0 <= t < t1]
-        mean = f"{sum(busy) / len(busy):.2f}" if busy else "-"
-        rows.append(f"| {name} | {t0 - start:.0f} | {t1 - t0:.0f} | {mean} |")
-    busy = [b for _, b in sampler.samples]
+        rows.append(f"| {name} | {t0 - start:.0f} | {t1 - t0:.0f} | {means(t0, t1)} |")
     rows.append(f"| **total** | 0 | **{end - start:.0f}** ({(end - start) / 60:.1f} min) | "
-                f"{sum(busy) / max(1, len(busy)):.2f} |")
+                f"{means(start, end + 1)} |")
     text = "\n".join(rows) + "\n"
     (out / "stages.md").write_text(text)
     print(text)
