@@ -336,7 +336,7 @@ def test_plan_resources_shares_the_cores_out_and_leaves_room_for_the_evaluator_p
 
 
 def test_results_table_shows_the_evaluation_noise_and_says_whether_trials_differ():
-    from orchestrator.sweep import _table
+    from orchestrator.sweeping.stages import table as _table
 
     def row(key, fid, se):
         return {"key": key, "label": key, "status": "DONE",
