@@ -314,8 +314,9 @@ def test_plan_resources_shares_the_cores_out_and_leaves_room_for_the_evaluator_p
 
     spec = load_sweep(ROOT / "sweeps" / "gan_mask.yaml", cwd=tmp_path)     # 3 trials, a pool
     assert spec.file.scaling.cpus_per_worker is None
-    # a 2-core laptop: two one-thread trials side by side, the pool's 0.5 taken from their share
-    assert plan_resources(spec, {"CPU": 2.0}) == (2, 0.73, 1)
+    # a 2-core laptop: all three one-thread trials at once (two waves would leave a core idle in
+    # the second), the pool's 0.5 taken from their share
+    assert plan_resources(spec, {"CPU": 2.0}) == (3, 0.48, 1)
     assert plan_resources(spec, {"CPU": 8.0}) == (3, 2.48, 2)      # fewer trials than cores
     spec.file.max_concurrent_trials = 1
     assert plan_resources(spec, {"CPU": 2.0}) == (1, 1.49, 2)      # one at a time: both cores
@@ -333,6 +334,18 @@ def test_plan_resources_shares_the_cores_out_and_leaves_room_for_the_evaluator_p
     assert plan_resources(gpu, {"CPU": 64.0, "GPU": 8.0})[0] == 3
     with pytest.raises(UserError, match="scaling: one trial needs"):
         plan_resources(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+def test_concurrency_avoids_a_last_wave_that_idles_cores():
+    from orchestrator.sweep import _concurrency
+
+    assert _concurrency(1, 2) == 1 and _concurrency(2, 2) == 2
+    assert _concurrency(3, 2) == 3          # 1.5 trial-times instead of 2
+    assert _concurrency(4, 2) == 2          # two waves of two: no idle core, less memory
+    assert _concurrency(5, 2) == 2          # 3 waves of 2 beat 2 waves of 3 or 4
+    assert _concurrency(6, 4) == 6          # 1.5 trial-times instead of 2
+    assert _concurrency(10_000, 2) == 2
+    assert _concurrency(3, 0) == 1          # no whole core: one at a time
 
 
 def test_results_table_shows_the_evaluation_noise_and_says_whether_trials_differ():
