@@ -181,6 +181,18 @@ def _attempts(sweep_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (sweep_dir / "trials/t000/attempts.jsonl").read_text().splitlines()]
 
 
+def _where(nodes: dict, sweep_dir: Path) -> str:
+    """Which node ran what and where the files landed (printed; `pytest -s` shows it, LOG.md keeps it)."""
+    lines = [f"attempts: {[(a['node'], a['start_step']) for a in _attempts(sweep_dir)]}"]
+    for path in sorted(nodes["shared"].rglob("*")):
+        rel = path.relative_to(nodes["shared"])
+        if path.is_file() and len(rel.parts) <= 6 and "artifacts" not in rel.parts:
+            lines.append(f"  shared/{rel}")
+    view = Path(f"/proc/{nodes['node_b_pid']}/root") / str(nodes["node_b"]).lstrip("/")
+    lines.append(f"node B's private folder: {sorted(str(p.relative_to(view)) for p in view.rglob('*'))}")
+    return "\n".join(lines)
+
+
 def test_a_trial_on_another_node_trains_logs_checkpoints_and_is_evaluated(two_nodes):
     done = _sweep(two_nodes, "nodeb", {"node_b": 1}, "train.steps=6", "train.checkpoint_every=3",
                   "train.log_every=1", "train.keep_checkpoints=2")
@@ -197,6 +209,7 @@ def test_a_trial_on_another_node_trains_logs_checkpoints_and_is_evaluated(two_no
     # worker warns "unreachable ... spooling" on the driver's stderr when it cannot reach it)
     output = done.stdout + done.stderr
     assert "unreachable" not in output and "replayed" not in output, output[-3000:]
+    assert "cannot list placement groups" not in output        # the State API found this cluster
     assert not (sweep_dir / "trials/t000/spool.jsonl").exists()
     uri, run = _the_run(two_nodes, "nodeb")
     assert run.info.status == "FINISHED" and "softdimo.world_build" not in run.data.tags
@@ -206,6 +219,7 @@ def test_a_trial_on_another_node_trains_logs_checkpoints_and_is_evaluated(two_no
     # checkpoints on the shared folder
     assert sorted(p.name for p in (sweep_dir / "train/t000").glob("step_*")) == [
         "step_00000003", "step_00000006"]
+    print(_where(two_nodes, sweep_dir))
 
 
 def test_a_killed_node_s_trial_resumes_on_the_head_and_loses_no_metric(two_nodes):
@@ -259,3 +273,4 @@ def test_a_killed_node_s_trial_resumes_on_the_head_and_loses_no_metric(two_nodes
     assert run.info.status == "FINISHED"
     assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "loss/dimo")] == list(range(1, 31))
     assert "eval/world_fid" in run.data.metrics
+    print(_where(two_nodes, sweep_dir))
