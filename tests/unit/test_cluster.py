@@ -95,3 +95,30 @@ def test_the_shared_world_is_copied_from_the_driver_s_cache_not_rebuilt(test_wor
     assert not copy_world("test", src, tmp_path / "shared", ["c2i"])      # there already
     assert not copy_world("test", tmp_path / "empty", tmp_path / "other", ["c2i"])   # nothing to copy
     assert not list(tmp_path.glob("shared/.world-*"))                    # no scratch left
+
+
+def test_a_worker_that_must_build_the_world_says_so(tmp_path, caplog, test_world):
+    from orchestrator.config import load_config
+    from orchestrator.sweeping.trial import _announce_world_build
+
+    class Tags:          # stands in for the trial's Tracker: only its tags matter here
+        def __init__(self):
+            self.tags = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    cfg = load_config(ROOT / "sweeps/presets/tiny_c2i.yaml",
+                      ["world.spec=test", f"world.cache_dir={tmp_path / 'empty'}"])
+    tags = Tags()
+    with caplog.at_level("WARNING"):
+        _announce_world_build(cfg, "t003", 0, tags)
+    message = tags.tags["softdimo.world_build"]
+    assert message in caplog.text
+    assert message.startswith("trial t003 rank 0 on node ") and str(tmp_path / "empty") in message
+    assert "base, c2i_teacher, features" in message
+    built = load_config(ROOT / "sweeps/presets/tiny_c2i.yaml",
+                        ["world.spec=test", f"world.cache_dir={test_world.root.parent}"])
+    quiet = Tags()
+    _announce_world_build(built, "t003", 0, quiet)       # the world is there: nothing to say
+    assert not quiet.tags
