@@ -255,7 +255,7 @@ def test_a_killed_node_s_trial_resumes_on_the_head_and_loses_no_metric(two_nodes
         assert holder.stdout.readline().strip() == "held"
         killer = threading.Thread(target=kill_node_b_after_its_first_checkpoint, daemon=True)
         killer.start()
-        done = _sweep(two_nodes, "failover", {"slot": 1}, "train.steps=30", "train.checkpoint_every=5",
+        done = _sweep(two_nodes, "failover", {"slot": 1}, "train.steps=15", "train.checkpoint_every=5",
                       "train.log_every=1", "sweep.failure.max_failures=2")
         killer.join(timeout=5)
     finally:
@@ -266,11 +266,11 @@ def test_a_killed_node_s_trial_resumes_on_the_head_and_loses_no_metric(two_nodes
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
     attempts = _attempts(sweep_dir)
     assert [a["node"] for a in attempts] == [NODE_B_IP, HOST_IP]
-    assert 0 < killed[0] <= attempts[1]["start_step"] < 30                # resumed, not restarted
+    assert 0 < killed[0] <= attempts[1]["start_step"] < 15                # resumed, not restarted
     result = json.loads((sweep_dir / "trials/t000/result.json").read_text())
-    assert result["step"] == 30 and result["resumed_from_step"] == attempts[1]["start_step"]
+    assert result["step"] == 15 and result["resumed_from_step"] == attempts[1]["start_step"]
     uri, run = _the_run(two_nodes, "failover")
     assert run.info.status == "FINISHED"
-    assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "loss/dimo")] == list(range(1, 31))
+    assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "loss/dimo")] == list(range(1, 16))
     assert "eval/world_fid" in run.data.metrics
     print(_where(two_nodes, sweep_dir))
