@@ -12,7 +12,11 @@ artifacts under <output_dir>/mlflow) runs for the length of the sweep; the paren
 sweep, one child run per trial holds its params, curves, sample grids and checkpoint locations.
 At the end a table of every trial's final metrics is printed with the address to compare them in.
 
-Everything goes to <output_dir>/<name>/ (trials/, train/ checkpoints, tune/ state). ``--resume``
+With a ``student`` section (the paper's two-stage recipe) a first stage trains one Di[M]O student
+per training seed, side by side, and every trial then starts from its seed's student's final
+checkpoint (``init.checkpoint``); the search's trials start when every student finished.
+
+Everything goes to <output_dir>/<name>/ (trials/, students/, train/ checkpoints, tune*/ state). ``--resume``
 continues an interrupted sweep: finished trials are not rerun and no MLflow run is duplicated.
 Nothing in the sweep folder is unpickled: resuming deletes Tune's own state (tune/) unread and starts
 a new Tuner over the same trials; a finished trial is recognised by its result.json, an unfinished
@@ -35,10 +39,7 @@ from orchestrator.config import UserError, run_cli
 from orchestrator.sweeping.layout import SweepLayout
 from orchestrator.sweeping.spec import SweepSpec, check_eval_weights, format_dry_run, load_sweep
 from orchestrator.sweeping.schema import eval_settings
-
-TABLE_METRICS = ("eval/world_fid", "eval/world_clip", "eval/geneval_world", "eval/fid5k", "eval/fid50k",
-                 "eval/is", "eval/clip", "eval/hps_v21", "eval/imagereward", "eval/temperature",
-                 "loss/dimo", "loss/gan_generator", "loss/reward", "ema/entropy", "ddp/max_param_spread")
+from orchestrator.sweeping.stages import DRIVER_CPU, run_stage, table as results_table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,14 +73,6 @@ def _lock(spec: SweepSpec) -> Path:
     return lock
 
 
-def _remove(path: Path) -> None:
-    """Delete a file, link or folder without reading it (links are removed, not followed)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
 def _check_folder(spec: SweepSpec, args) -> None:
     layout = spec.layout
     state = layout.state
@@ -92,8 +85,13 @@ def _check_folder(spec: SweepSpec, args) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"{spec.source}: --resume: {state} is not a readable sweep state; "
                             "use --overwrite to start again") from None
-        now = spec.to_json()["trials"]
-        if before != [t["config"] for t in now]:
+        try:   # sweeps from before the student section have no "students"
+            before += [t["config"] for t in json.loads(state.read_text()).get("students", [])]
+        except (AttributeError, KeyError, TypeError):
+            raise UserError(f"{spec.source}: --resume: {state} is not a readable sweep state; "
+                            "use --overwrite to start again") from None
+        now = spec.to_json()
+        if before != [t["config"] for t in now["trials"] + now["students"]]:
             raise UserError(f"{spec.source}: --resume: the trials differ from those of the sweep in "
                             f"{spec.sweep_dir}; resume with the same file and overrides, or --overwrite")
     elif spec.sweep_dir.exists() or spec.sweep_dir.is_symlink():
@@ -104,41 +102,6 @@ def _check_folder(spec: SweepSpec, args) -> None:
             raise UserError(f"{spec.source}: --overwrite: {spec.sweep_dir} was not made by a sweep "
                             f"(no {layout.MARKER} file in it) and is left alone; use another name")
         shutil.rmtree(spec.sweep_dir)
-
-
-def _table(rows: list[dict]) -> str:
-    metrics = [m for m in TABLE_METRICS if any(m in r["metrics"] for r in rows)]
-    header = ["trial", "status", "step"] + metrics + ["configuration"]
-    body = []
-    for r in rows:
-        m = r["metrics"]
-        body.append([r["key"], r["status"], str(int(m.get("step", 0)))]
-                    + [_cell(m, k) for k in metrics] + [r["label"]])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
-    return "\n".join(lines + _noise_verdict(rows))
-
-
-def _cell(m: dict, key: str) -> str:
-    if key not in m:
-        return "-"
-    se = m.get(f"{key}_se")
-    return f"{m[key]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
-
-
-def _noise_verdict(rows: list[dict]) -> list[str]:
-    """One line saying whether the trials' world-FIDs differ by more than the evaluation's noise."""
-    pairs = [(r["key"], r["metrics"]["eval/world_fid"], r["metrics"]["eval/world_fid_se"])
-             for r in rows if "eval/world_fid_se" in r["metrics"]]
-    if len(pairs) < 2:
-        return []
-    best, worst = min(pairs, key=lambda p: p[1]), max(pairs, key=lambda p: p[1])
-    gap, noise = worst[1] - best[1], 2 * (best[2] ** 2 + worst[2] ** 2) ** 0.5
-    verdict = ("larger than" if gap > noise else "NOT larger than")
-    return ["", f"world-FID spread {gap:.3g} ({best[0]} best, {worst[0]} worst) is {verdict} twice "
-            f"its evaluation noise ({noise:.2g}; ± is a bootstrap SE over the evaluated images). "
-            "Training-seed noise is not in it: add `seed: {grid: [0, 1, 2]}` to the search to see it."]
 
 
 def _start_tracking(spec: SweepSpec, address: str | None):
@@ -169,35 +132,6 @@ def _start_tracking(spec: SweepSpec, address: str | None):
     return uri, read_uri, experiment_id, parent_id, server
 
 
-def _scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    s = spec.file.scheduler
-    if s.type == "asha":
-        # time is measured in images seen, so runs with different batch sizes compare fairly
-        return ASHAScheduler(time_attr="images_seen", metric=spec.file.metric, mode=spec.file.mode,
-                             grace_period=s.grace_period, max_t=s.max_t,
-                             reduction_factor=s.reduction_factor,
-                             # a trial that reaches max_t finishes itself (final checkpoint,
-                             # result, MLflow status) instead of being cut at its last report
-                             stop_last_trials=False)
-    return FIFOScheduler()
-
-
-def _reporter(spec: SweepSpec):
-    """Tune's live table: trial, status, configuration, progress and the headline metrics."""
-    from ray.tune import CLIReporter
-
-    columns = {"step": "step", "images_seen": "images", "loss/dimo": "dimo"}
-    if spec.file.metric not in columns:
-        columns[spec.file.metric] = spec.file.metric.split("/")[-1]
-    return CLIReporter(metric_columns=columns, parameter_columns={"trial/label": "configuration"},
-                       max_column_length=40, max_report_frequency=30)
-
-
-DRIVER_CPU = 0.01     # a trial's Tune driver only launches its TorchTrainer
-
-
 def _concurrency(trials: int, slots: int) -> int:
     """How many one-thread trials to run at once on ``slots`` cores.
 
@@ -213,16 +147,17 @@ def _concurrency(trials: int, slots: int) -> int:
     return min(range(slots, 2 * slots + 1), key=lambda k: (math.ceil(trials / k) * k, k))
 
 
-def plan_resources(spec: SweepSpec, total: dict) -> tuple[int, float, int]:
-    """(concurrent trials, logical CPUs per worker, torch threads per worker) for the cluster.
+def plan_resources(spec: SweepSpec, total: dict, count: int | None = None) -> tuple[int, float, int]:
+    """(concurrent trials, logical CPUs per worker, torch threads per worker) for the cluster, for
+    ``count`` trials (default: the search's; the students' stage passes its own count).
 
     Tune cannot see the Train workers' needs, and a trial started without room waits forever for
     its worker group (on CPU and GPU alike), so concurrency is computed here. With
     ``scaling.cpus_per_worker`` unset, the cores are shared out: as many one-thread trials side by
     side as there are cores, more threads per trial when the trials are fewer than the cores, and
     up to twice as many as cores when that avoids a last wave that leaves cores idle (three trials
-    on a 2-core laptop all run at once). The evaluator pool's logical share is taken from the trials' share, not
-    from their threads: it works in short bursts between trials' checkpoints.
+    on a 2-core laptop all run at once). The evaluator pool's logical share is taken from the
+    trials' share, not from their threads: it works in short bursts between trials' checkpoints.
     """
     sc, ev = spec.file.scaling, spec.file.evaluation
     pool = ev.actors if ev.metrics and ev.num_images else 0
@@ -232,7 +167,8 @@ def plan_resources(spec: SweepSpec, total: dict) -> tuple[int, float, int]:
     custom = {r: sc.num_workers * v for r, v in sc.resources_per_worker.items()}
     left.update({r: total.get(r, 0.0) for r in custom})
     if sc.cpus_per_worker is None:
-        k = _concurrency(min(len(spec.trials), wanted or len(spec.trials)), int(cpus // sc.num_workers))
+        count = len(spec.trials) if count is None else count
+        k = _concurrency(min(count, wanted or count), int(cpus // sc.num_workers))
         if sc.use_gpu:
             k = max(1, min(k, int(left["GPU"] // (sc.num_workers * sc.gpus_per_worker))))
         for r, n in custom.items():     # e.g. {node_b: 1}: no more trials than the nodes hold
@@ -278,13 +214,9 @@ def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
 
 def run_sweep(spec: SweepSpec, args) -> int:
     import ray
-    from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.sweeping.pg_cleanup import OrphanGroupCleaner
-    from orchestrator.sweeping.pool import EvalDispatch
     from orchestrator.sweeping.evaluation import finish_pool, latest_eval, start_pool
-    from orchestrator.sweeping.trial import train_driver
 
     progress = not args.quiet
     layout = spec.layout
@@ -313,47 +245,31 @@ def run_sweep(spec: SweepSpec, args) -> int:
         layout.state.write_text(json.dumps(state, indent=2))
         parent = tracking.Tracker(uri, parent_id, layout.parent_spool)
         parent.log_text(json.dumps(state, indent=2), layout.STATE)
-        concurrent, per_worker, threads = plan_resources(spec, ray.cluster_resources())
-        sweep_ctx = sweep_context(spec, uri, experiment_id, parent_id, per_worker, threads)
-        if progress:
-            print(f"{spec.file.name}: up to {concurrent} trial(s) at once, each worker "
-                  f"{per_worker:g} CPU and {threads} thread(s)", flush=True)
-        pool = start_pool(sweep_ctx)
-        trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
-                                        {"CPU": DRIVER_CPU})
-        tune_dir = layout.tune
-        run_config = tune.RunConfig(
-            name=layout.TUNE, storage_path=str(layout.root),
-            failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
-            progress_reporter=_reporter(spec), verbose=1 if progress else 0,
-            callbacks=[EvalDispatch(spec.file.name), OrphanGroupCleaner()])
-        # Never Tuner.restore: it unpickles tune/ (tuner.pkl, trial states), so a file planted in
-        # the sweep folder would run. Tune's state is deleted unread and a new Tuner runs every
-        # trial: train_driver reports a finished trial's result.json again, and an unfinished one
-        # resumes from its own verified checkpoint (Train's JSON snapshot under train/<key>/).
-        _remove(tune_dir)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([t.spec().to_json() for t in spec.trials])},
-            tune_config=tune.TuneConfig(
-                scheduler=_scheduler(spec),
-                max_concurrent_trials=concurrent,
-                trial_name_creator=lambda t: t.config["trial"]["key"],
-                trial_dirname_creator=lambda t: t.config["trial"]["key"]),
-            run_config=run_config)
-        grid = tuner.fit()
+        pool, rows, blocked = None, [], False
+        for trials in spec.stages():
+            concurrent, per_worker, threads = plan_resources(spec, ray.cluster_resources(), len(trials))
+            sweep_ctx = sweep_context(spec, uri, experiment_id, parent_id, per_worker, threads)
+            students = trials is spec.students
+            if progress:
+                print(f"{spec.file.name}: {len(trials)} {'student' if students else 'trial'}(s), up to "
+                      f"{concurrent} at once, each worker {per_worker:g} CPU and {threads} thread(s)",
+                      flush=True)
+            pool = pool or start_pool(sweep_ctx)
+            stage_rows = run_stage(spec, trials, sweep_ctx, concurrent, progress,
+                              layout.tune_students if students else layout.tune)
+            rows += stage_rows
+            unfinished = [r["key"] for r in stage_rows if r["status"] != "DONE"]
+            if students and unfinished:
+                # a trial starts from its seed's student: without it there is nothing to fine-tune
+                print(f"student(s) {', '.join(unfinished)} did not finish: the search's trials are "
+                      "not started (fix the cause, then --resume)", file=sys.stderr)
+                blocked = True
+                break
         eval_failures = finish_pool(pool, sweep_ctx, progress)
-        rows = []
-        for result in grid:
-            trial = result.config["trial"]
-            done = layout.trial(trial["key"]).result
-            metrics = json.loads(done.read_text()) if done.is_file() else (result.metrics or {})
-            metrics = {**metrics, **latest_eval(sweep_ctx, trial["key"])}
-            status = "ERROR" if result.error else ("DONE" if done.is_file() else "STOPPED")
-            rows.append({"key": trial["key"], "label": trial["label"], "status": status,
-                         "metrics": metrics, "error": str(result.error).splitlines()[0] if result.error else ""})
+        for r in rows:
+            r["metrics"] = {**r["metrics"], **latest_eval(sweep_ctx, r["key"])}
         rows.sort(key=lambda r: r["key"])
-        table = _table(rows)
+        table = results_table(rows)
         print("\n" + table)
         for r in rows:
             if r["error"]:
@@ -366,7 +282,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
         for key in missing:
             print(f"{key}: the sweep's metric {spec.file.metric} was not computed"
                   + ("; see the evaluation failures above" if eval_failures else ""), file=sys.stderr)
-        failed = bool(missing) or any(r["status"] == "ERROR" for r in rows)
+        failed = blocked or bool(missing) or any(r["status"] == "ERROR" for r in rows)
         parent.close("FAILED" if failed else "FINISHED")
     finally:
         if server is not None:
@@ -386,7 +302,7 @@ def _replay_spools(spec: SweepSpec, uri: str, parent_id: str, sweep_ctx) -> None
     from orchestrator import tracking
 
     runs = None
-    for trial in spec.trials:
+    for trial in spec.students + spec.trials:
         files = sweep_ctx.trial(trial.key)
         spools = [files.spool, files.eval_spool]
         spools = [p for p in spools if p.is_file()]

@@ -86,8 +86,8 @@ def save_checkpoint(st: TrainState, output_dir: str | Path, meta: dict, keep: in
         return None
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{st.step:08d}"
-    tmp = root / f".tmp_{PREFIX}{st.step:08d}_{os.getpid()}"
+    final = root / checkpoint_dir_name(st.step)
+    tmp = root / f".tmp_{checkpoint_dir_name(st.step)}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in st.modules().items():
@@ -117,6 +117,11 @@ def save_checkpoint(st: TrainState, output_dir: str | Path, meta: dict, keep: in
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder name of step ``step``'s checkpoint (Ray Train keeps the same name)."""
+    return f"{PREFIX}{step:08d}"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

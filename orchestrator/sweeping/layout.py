@@ -9,8 +9,9 @@
         sweep.json                          the expanded trials, the tracking URI to read them back
         mlflow_server.json                  the sweep's own MLflow server while it runs
         parent_spool.jsonl                  the parent run's records while MLflow is away
-        tune/                               Tune's state (deleted unread on --resume)
-        train/<key>/step_XXXXXXXX/          Ray Train's checkpoints
+        tune/  tune_students/               Tune's state of each stage (deleted unread on --resume)
+        train/<key>/step_XXXXXXXX/          Ray Train's checkpoints (students' and trials')
+        students/student-seed<N>/           the two-stage recipe's Di[M]O students (a TrialLayout)
         trials/<key>/                       TrialLayout.root (the trial's training output_dir)
             result.json  final.json  failure.json  attempts.jsonl
             spool.jsonl  eval_spool.jsonl   eval.jsonl  eval/step_XXXXXXXX/
@@ -94,6 +95,8 @@ class SweepLayout:
     SERVER = "mlflow_server.json"       # the running sweep's MLflow server (address, watchdog pid)
     PARENT_SPOOL = "parent_spool.jsonl"
     TRIALS, TRAIN, TUNE = "trials", "train", "tune"
+    STUDENTS, TUNE_STUDENTS = "students", "tune_students"
+    STUDENT_PREFIX = "student-seed"     # a student's key: one per training seed (search keys: t000...)
 
     @classmethod
     def of(cls, output_dir: str | Path, name: str) -> "SweepLayout":
@@ -136,12 +139,37 @@ class SweepLayout:
     def tune(self) -> Path:
         return self.root / self.TUNE
 
+    @property
+    def students(self) -> Path:
+        return self.root / self.STUDENTS
+
+    @property
+    def tune_students(self) -> Path:
+        return self.root / self.TUNE_STUDENTS
+
+    @classmethod
+    def student_key(cls, seed: int) -> str:
+        return f"{cls.STUDENT_PREFIX}{seed}"
+
+    @classmethod
+    def is_student(cls, key: str) -> bool:
+        return key.startswith(cls.STUDENT_PREFIX)
+
     def trial(self, key: str) -> TrialLayout:
-        return TrialLayout(self.trials / key)
+        """A search trial's files, or a student's (the same machinery trains both)."""
+        return TrialLayout((self.students if self.is_student(key) else self.trials) / key)
+
+    def final_checkpoint(self, key: str, step: int) -> Path:
+        """Where Ray Train keeps the checkpoint of ``step`` of a trial or student (train/<key>/)."""
+        from trainers.checkpoint import checkpoint_dir_name   # lazy: readers of layouts skip torch
+
+        return self.train / key / checkpoint_dir_name(step)
 
     def trial_keys(self) -> list[str]:
-        """The keys of the trials that have a folder (started at least once), sorted."""
-        return sorted(p.name for p in self.trials.iterdir()) if self.trials.is_dir() else []
+        """The keys of the students and trials that have a folder (started at least once): the
+        students first, each group sorted."""
+        return [p.name for folder in (self.students, self.trials) if folder.is_dir()
+                for p in sorted(folder.iterdir())]
 
 
 @dataclass(frozen=True)

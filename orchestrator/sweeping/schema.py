@@ -94,12 +94,22 @@ def eval_settings(section: EvaluationSection) -> EvalSettings:
 
 
 @dataclass
+class StudentSection:
+    """The paper's two-stage recipe (Sec. 3, App. H): before the search, one Di[M]O student per
+    distinct training seed of the trials (preset, base and command-line overrides, then these
+    overrides, then that seed), trained by the same machinery; every search trial then starts
+    from its seed's student (``init.checkpoint`` = the student's final checkpoint)."""
+    overrides: Dict[str, Any] = field(default_factory=dict)   # dotted key -> value, e.g. gan.weight: 0
+
+
+@dataclass
 class SweepFile:
     name: str = MISSING
     preset: str = MISSING                # relative to the sweep file's folder, or absolute
     description: str = ""
     base: Dict[str, Any] = field(default_factory=dict)    # dotted key -> value, every trial
     search: Dict[str, Any] = field(default_factory=dict)  # dotted key -> {sampler: values}
+    student: Optional[StudentSection] = None              # None: one stage, trials start afresh
     num_samples: int = 1
     search_seed: int = 0
     metric: str = "eval/world_fid"
@@ -131,6 +141,11 @@ class SweepSpec:
     file: SweepFile                      # after sweep.* overrides; output_dir absolute
     preset: str                          # absolute path of the preset
     trials: List[Trial]
+    students: List[Trial] = field(default_factory=list)   # the first stage (student: section)
+
+    def stages(self) -> List[List[Trial]]:
+        """What runs, in order: the students (if any), then the search's trials."""
+        return [self.students, self.trials] if self.students else [self.trials]
 
     @property
     def layout(self) -> SweepLayout:
@@ -143,4 +158,5 @@ class SweepSpec:
     def to_json(self) -> dict:
         return {"source": self.source, "name": self.file.name, "sweep_dir": str(self.sweep_dir),
                 "preset": self.preset, "file": asdict(self.file),
-                "trials": [asdict(trial) for trial in self.trials]}
+                "trials": [asdict(trial) for trial in self.trials],
+                "students": [asdict(trial) for trial in self.students]}

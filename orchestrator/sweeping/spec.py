@@ -1,7 +1,8 @@
 """Sweep files: loading, validation and the expansion into trials (no Ray here).
 
 A sweep file names a preset, dotted training-config overrides (``base``) and a ``search`` of one
-sampler per key. ``load_sweep`` resolves and validates every trial's full training config before
+sampler per key; a ``student`` section adds the two-stage recipe's first stage (one student per
+training seed, see ``StudentSection``). ``load_sweep`` resolves and validates every trial's full training config before
 anything runs, so a typo or an out-of-range value costs one line of error, not a cluster start.
 Each problem is a ``UserError`` "<sweep file>: <key>: <problem>".
 """
@@ -24,7 +25,7 @@ from orchestrator.config import (UserError, assign, check_files, key_problem, lo
                                  parse_value, split_override, to_dict, validated)
 from softdimo.teachers import TeacherFilesMissing
 from orchestrator.sweeping.layout import SweepLayout
-from orchestrator.sweeping.schema import SweepFile, SweepSpec, Trial
+from orchestrator.sweeping.schema import StudentSection, SweepFile, SweepSpec, Trial
 from trainers.config import Config, ConfigValueError, check_test_time, check_values
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
@@ -75,6 +76,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None
                                 "remove one")
 
     layers = _Layers(file, source, cwd, train_items).load(preset)
+    if file.student is not None:
+        _check_init(file, layers, source)
     for key, (kind, values) in samplers.items():
         problem = _key_problem(layers.common, key)
         if problem:
@@ -88,7 +91,38 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None
         key = f"t{index:03d}"
         config, chosen = layers.resolve(key, values)
         spec.trials.append(Trial(key=key, overrides=chosen, label=_label(chosen), config=config))
+    if file.student is not None:
+        _add_students(spec, layers)
     return spec
+
+
+def _check_init(file: SweepFile, layers: "_Layers", source: str) -> None:
+    """With a student section, init.checkpoint is the sweep's to set (before any trial resolves)."""
+    init_keys = [k for k in file.search if k == "init" or k.startswith("init.")]
+    if init_keys or layers.common.init.checkpoint is not None:
+        where = (f"search.{init_keys[0]}" if init_keys
+                 else "base.init.checkpoint" if "init.checkpoint" in file.base else "init.checkpoint")
+        raise UserError(f"{source}: {where}: the student section sets every trial's init.checkpoint "
+                        "to its seed's student; remove one")
+
+
+def _add_students(spec: SweepSpec, layers: "_Layers") -> None:
+    """The two-stage recipe: one student per distinct training seed of the trials (in trial
+    order), and each trial's ``init.checkpoint`` pinned to its seed's student's final checkpoint
+    (a path known before the student runs, so ``--resume`` compares the same configs)."""
+    source, overrides = spec.source, spec.file.student.overrides
+    if "seed" in overrides:
+        raise UserError(f"{source}: student.overrides.seed: a student's seed is its trials' seed "
+                        "(one student per seed); remove it")
+    for seed in dict.fromkeys(t.config["seed"] for t in spec.trials):
+        key = spec.layout.student_key(seed)
+        config, chosen = layers.resolve(key, {**overrides, "seed": seed}, layer="student.overrides")
+        spec.students.append(Trial(key=key, overrides=chosen, label="student " + _label(chosen),
+                                   config=config))
+        final = str(spec.layout.final_checkpoint(key, config["train"]["steps"]))
+        for trial in spec.trials:
+            if trial.config["seed"] == seed:
+                trial.config["init"]["checkpoint"] = final
 
 
 def format_dry_run(spec: SweepSpec) -> str:
@@ -128,7 +162,10 @@ def format_dry_run(spec: SweepSpec) -> str:
         f"  tracking:    {f.tracking.uri or 'local MLflow server'}, experiment {f.tracking.experiment}",
         f"  output:      {spec.sweep_dir}",
     ]
-    for trial in spec.trials:
+    if spec.students:
+        lines.insert(4, f"  students:    {len(spec.students)} (one per training seed; every trial "
+                        "starts from its seed's student's final checkpoint)")
+    for trial in spec.students + spec.trials:
         body = yaml.dump(trial.config, Dumper=_ConfigDumper, sort_keys=False)
         lines += ["", f"{trial.key}  {trial.label}"] + ["    " + line for line in body.splitlines()]
     return "\n".join(lines) + "\n"
@@ -143,12 +180,20 @@ def _load_file(path: Path, items: list, source: str) -> SweepFile:
         key = key[len("sweep."):]
         value = parse_value(text, f"{where}: {key}")
         head, _, rest = key.partition(".")
-        if head in ("base", "search") and rest:
-            # base and search map dotted training keys: "train.steps" is one key there; null drops it
+        if key.startswith("student.overrides.") and len(key) > len("student.overrides."):
+            if cfg.student is None:
+                cfg.student = OmegaConf.structured(StudentSection)
+            head, rest = "student.overrides", key[len("student.overrides."):]
+            target = cfg.student.overrides
+        else:
+            target = cfg[head] if head in ("base", "search") else None
+        if target is not None and rest:
+            # base, search and student.overrides map dotted training keys: "train.steps" is one
+            # key there; null drops it
             if value is None:
-                cfg[head].pop(rest, None)
+                target.pop(rest, None)
             else:
-                cfg[head][rest] = value
+                target[rest] = value
         else:
             for part in reversed(key.split(".")):
                 value = {part: value}
@@ -320,11 +365,12 @@ class _Layers:
         self.common = cfg
         return self
 
-    def resolve(self, key: str, values: dict) -> tuple[dict, dict]:
-        """A trial's validated config (plain dict) and its search values as the config holds them."""
+    def resolve(self, key: str, values: dict, layer: str = "search") -> tuple[dict, dict]:
+        """A trial's validated config (plain dict) and its ``layer`` values (the search's, or a
+        student's overrides) as the config holds them."""
         cfg = copy.deepcopy(self.common)
         for name, value in values.items():
-            _assign(cfg, name, value, f"{self.source}: search.{name}: value {_fmt(value)}")
+            _assign(cfg, name, value, f"{self.source}: {layer}.{name}: value {_fmt(value)}")
         chosen = {}
         for name in values:
             got = OmegaConf.select(cfg, name)
@@ -338,10 +384,10 @@ class _Layers:
             check_values(obj)
             check_files(obj)
         except (ConfigValueError, TeacherFilesMissing) as err:
-            raise UserError(self.blame(err, key, values)) from None
+            raise UserError(self.blame(err, key, values, layer)) from None
         return to_dict(obj), chosen
 
-    def blame(self, err: ConfigValueError, key: str, values: dict) -> str:
+    def blame(self, err: ConfigValueError, key: str, values: dict, layer: str = "search") -> str:
         """Name the last layer that set the bad key: search, then overrides, then base."""
         def related(name: str) -> bool:
             return err.key == name or err.key.startswith(name + ".") or name.startswith(err.key + ".")
@@ -351,7 +397,7 @@ class _Layers:
 
         for name, value in values.items():
             if related(name):
-                return f"{self.source}: search.{name}: value {_fmt(value)}: {reason(name)}"
+                return f"{self.source}: {layer}.{name}: value {_fmt(value)}: {reason(name)}"
         for item, name, _ in reversed(self.train_items):
             if related(name):
                 return f"{self.source} (override {item}): {err.key}: {err.message}"

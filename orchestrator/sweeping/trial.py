@@ -196,6 +196,8 @@ def _params(trial: TrialSpec, sweep: SweepContext) -> dict:
     params.update({key: str(value) for key, value in trial.overrides.items()})
     params["scaling.num_workers"] = str(sweep.scaling.num_workers)
     params["train.global_batch_size"] = str(trial.config["train"]["batch_size"] * sweep.scaling.num_workers)
+    if trial.config["init"]["checkpoint"]:   # the two-stage recipe's start, under the name meta.json uses
+        params["init_from"] = trial.config["init"]["checkpoint"]
     return params
 
 
@@ -238,7 +240,8 @@ def train_driver(config: dict, sweep: SweepContext) -> None:
         raise TrialError(f"trial {key}: {json.loads(files.failure.read_text())['error']}")
     run_id = tracking.get_or_create_child(
         uri, sweep.experiment_id, sweep.parent_id, sweep.name, key, _run_name(trial),
-        _params(trial, sweep), tags={tracking.TAG_RAY_TRIAL: ray.tune.get_context().get_trial_id()})
+        _params(trial, sweep), tags={tracking.TAG_RAY_TRIAL: ray.tune.get_context().get_trial_id(),
+                                     tracking.TAG_STAGE: "student" if sweep.layout.is_student(key) else "search"})
     files.root.mkdir(parents=True, exist_ok=True)
     import yaml
 

@@ -19,7 +19,7 @@ def pin_worlds(spec: SweepSpec, shared: Path | None = None) -> dict[tuple[str, s
     from softdimo.world.layout import default_cache_dir
 
     needs: dict[tuple[str, str], set[str]] = {}
-    for trial in spec.trials:
+    for trial in spec.students + spec.trials:
         world, kind = trial.config["world"], trial.config["teacher"]["kind"]
         cache = str(Path(world["cache_dir"] or shared or default_cache_dir()).resolve())
         world["cache_dir"] = cache

@@ -33,6 +33,7 @@ _client, logger = spool.mlflow_client, spool.logger
 TAG_SWEEP = "softdimo.sweep"
 TAG_KIND = "softdimo.kind"
 TAG_TRIAL = "softdimo.trial"
+TAG_STAGE = "softdimo.stage"      # "student" (the two-stage recipe's first stage) or "search"
 TAG_RAY_TRIAL = "ray.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
 STATUSES = ("FINISHED", "FAILED", "KILLED")

@@ -349,7 +349,7 @@ def test_concurrency_avoids_a_last_wave_that_idles_cores():
 
 
 def test_results_table_shows_the_evaluation_noise_and_says_whether_trials_differ():
-    from orchestrator.sweep import _table
+    from orchestrator.sweeping.stages import table as _table
 
     def row(key, fid, se):
         return {"key": key, "label": key, "status": "DONE",
