@@ -42,7 +42,6 @@ from orchestrator.sweeping.schema import eval_settings
 from orchestrator.sweeping.stages import DRIVER_CPU, run_stage, table as results_table
 
 
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,33 +61,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs of the local Ray instance")
     p.add_argument("--quiet", action="store_true", help="no progress bars or trial tables")
     return p
-
-
-def pin_worlds(spec: SweepSpec) -> dict[tuple[str, str], set[str]]:
-    """Pin each embedded world's cache folder in the trial configs (cheap: nothing is built); returns
-    the components each (world spec, cache) needs."""
-    from softdimo.world.layout import default_cache_dir
-
-    needs: dict[tuple[str, str], set[str]] = {}
-    for trial in spec.students + spec.trials:
-        world, kind = trial.config["world"], trial.config["teacher"]["kind"]
-        cache = str(Path(world["cache_dir"] or default_cache_dir()).resolve())
-        world["cache_dir"] = cache
-        if kind in ("world_c2i", "world_t2i"):
-            # each trial's track, and the world scorers its rewards name (built here, not in a trial)
-            terms = {t["name"] for t in trial.config["reward"]["terms"]
-                     if trial.config["reward"]["weight"] > 0}
-            needs.setdefault((world["spec"], cache), set()).update(
-                {kind[len("world_"):]} | terms & {"clip", "quality"})
-    return needs
-
-
-def build_worlds(needs: dict[tuple[str, str], set[str]], progress: bool) -> None:
-    """Build what the trials need of each world here, once, not inside a trial."""
-    from softdimo.world.store import load_world
-
-    for (name, cache), components in needs.items():
-        load_world(name, cache, build_if_missing=True, progress=progress, needs=sorted(components))
 
 
 def _lock(spec: SweepSpec) -> Path:
@@ -132,18 +104,23 @@ def _check_folder(spec: SweepSpec, args) -> None:
         shutil.rmtree(spec.sweep_dir)
 
 
-def _start_tracking(spec: SweepSpec):
-    """-> (uri for trials, uri to read the store later, experiment id, parent id, server or None)."""
+def _start_tracking(spec: SweepSpec, address: str | None):
+    """-> (uri for trials, uri to read the store later, experiment id, parent id, server or None).
+
+    Ray is up: on a cluster the server listens on this node's address (orchestrator.sweeping.cluster)."""
     from orchestrator import tracking
+    from orchestrator.sweeping import cluster
 
     t = spec.file.tracking
     server = None
     artifact_location = None
     if t.uri:
+        cluster.check_tracking_uri(spec.source, t.uri, address)
         uri = read_uri = t.uri
     else:
+        host = cluster.tracking_host(spec.source, address)
         store = tracking.default_store(Path(spec.file.output_dir)).resolve()
-        server = tracking.LocalServer.start(store)
+        server = tracking.LocalServer.start(store, host=host)
         uri = server.uri
         read_uri = tracking.sqlite_uri(store)
         artifact_location = str(store / "artifacts")
@@ -187,11 +164,15 @@ def plan_resources(spec: SweepSpec, total: dict, count: int | None = None) -> tu
     cpus = total.get("CPU", 0.0)
     left = {"CPU": cpus - pool * ev.cpus_per_actor, "GPU": total.get("GPU", 0.0) - pool * ev.gpus_per_actor}
     wanted = spec.file.max_concurrent_trials
+    custom = {r: sc.num_workers * v for r, v in sc.resources_per_worker.items()}
+    left.update({r: total.get(r, 0.0) for r in custom})
     if sc.cpus_per_worker is None:
         count = len(spec.trials) if count is None else count
         k = _concurrency(min(count, wanted or count), int(cpus // sc.num_workers))
         if sc.use_gpu:
             k = max(1, min(k, int(left["GPU"] // (sc.num_workers * sc.gpus_per_worker))))
+        for r, n in custom.items():     # e.g. {node_b: 1}: no more trials than the nodes hold
+            k = max(1, min(k, int(left[r] // n)))
         per_worker = round((left["CPU"] - k * DRIVER_CPU) / (k * sc.num_workers) - 0.005, 2)
         threads = max(1, int(cpus // (k * sc.num_workers)))
     else:
@@ -200,12 +181,14 @@ def plan_resources(spec: SweepSpec, total: dict, count: int | None = None) -> tu
     need = {"CPU": sc.num_workers * per_worker + DRIVER_CPU}
     if sc.use_gpu:
         need["GPU"] = sc.num_workers * sc.gpus_per_worker
+    need.update(custom)
     fits = min(int(left[r] // need[r]) for r in need) if per_worker > 0 else 0
     if fits < 1:
         raise UserError(
             f"{spec.source}: scaling: one trial needs {need} and the evaluator pool "
             f"{pool} x (CPU {ev.cpus_per_actor}, GPU {ev.gpus_per_actor}), but the cluster has "
-            f"{ {r: total.get(r, 0.0) for r in ('CPU', 'GPU')} }; lower scaling.* or evaluation.*_per_actor")
+            f"{ {r: total.get(r, 0.0) for r in ('CPU', 'GPU', *custom)} }; lower scaling.* or "
+            "evaluation.*_per_actor")
     if wanted and wanted > fits:
         print(f"max_concurrent_trials {wanted} lowered to {fits}: no more trials fit beside the "
               "evaluator pool", file=sys.stderr)
@@ -223,7 +206,8 @@ def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
         parent_id=parent_id, max_failures=spec.file.failure.max_failures,
         scaling=TrialScaling(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=sc.gpus_per_worker,
-                             threads_per_worker=threads_per_worker),
+                             threads_per_worker=threads_per_worker,
+                             resources_per_worker=dict(sc.resources_per_worker)),
         evaluation=EvalPlan(settings=eval_settings(ev), every_images=ev.every_images, actors=ev.actors,
                             cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor))
 
@@ -238,7 +222,19 @@ def run_sweep(spec: SweepSpec, args) -> int:
     layout = spec.layout
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.marker.touch()
-    uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    # eval/* metrics arrive only at evaluation steps; Tune must not fail the other reports
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # honour the reporter's columns
+    if ray.is_initialized():       # a caller (a test, a notebook) owns the Ray session
+        pass
+    elif address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                 include_dashboard=True)   # Train's placement-group cleaner needs the State API
+    # after Ray: the server's address depends on whether other nodes run trials
+    uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec, address)
     if server is not None:
         layout.server.write_text(json.dumps(
             {"uri": server.uri, "store": str(server.store), "watchdog_pid": server.process.pid,
@@ -249,17 +245,6 @@ def run_sweep(spec: SweepSpec, args) -> int:
         layout.state.write_text(json.dumps(state, indent=2))
         parent = tracking.Tracker(uri, parent_id, layout.parent_spool)
         parent.log_text(json.dumps(state, indent=2), layout.STATE)
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        # eval/* metrics arrive only at evaluation steps; Tune must not fail the other reports
-        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # honour the reporter's columns
-        if ray.is_initialized():       # a caller (a test, a notebook) owns the Ray session
-            pass
-        elif address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                     include_dashboard=True)   # Train's placement-group cleaner needs the State API
         pool, rows, blocked = None, [], False
         for trials in spec.stages():
             concurrent, per_worker, threads = plan_resources(spec, ray.cluster_resources(), len(trials))
@@ -357,9 +342,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     lock = _lock(spec)            # before any work: a second driver stops here, in one line
     try:
-        needs = pin_worlds(spec)      # the pinned cache folders are part of what --resume compares
+        from orchestrator.sweeping import cluster
+        from orchestrator.sweeping.worlds import build_worlds, pin_worlds
+
+        # on a cluster the world goes where every node reads it, not into this node's cache
+        shared = cluster.shared_world_cache(spec.file.output_dir) if cluster.attaching(args.address) else None
+        needs = pin_worlds(spec, shared)   # the pinned cache folders are part of what --resume compares
         _check_folder(spec, args)     # refuse a foreign folder before minutes of world building
-        build_worlds(needs, progress=not args.quiet)
+        build_worlds(needs, progress=not args.quiet, shared=shared)
         return run_sweep(spec, args)
     finally:
         locks.release(lock)

@@ -23,7 +23,7 @@ it); ``TrialSpec.from_json`` turns it back at the trainable's door.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,6 +180,7 @@ class TrialScaling:
     cpus_per_worker: float
     gpus_per_worker: float
     threads_per_worker: int
+    resources_per_worker: dict = field(default_factory=dict)   # custom Ray resources, e.g. {node_b: 1}
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,12 @@ def own_groups() -> set[str] | None:
     try:
         from ray.util.state import list_placement_groups
 
-        job = ray.get_runtime_context().get_job_id()
+        context = ray.get_runtime_context()
+        # this session's cluster by its address: "auto" fails where the machine runs two Ray
+        # instances (a head joined with --address beside a local one)
         return {pg.placement_group_id for pg in list_placement_groups(
-            filters=[("creator_job_id", "=", job)], limit=10_000)}
+            address=context.gcs_address, filters=[("creator_job_id", "=", context.get_job_id())],
+            limit=10_000)}
     except Exception as err:      # no dashboard: never touch groups we cannot attribute
         log.warning("cannot list placement groups (%s); not cleaning", err)
         return None

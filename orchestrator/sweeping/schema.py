@@ -29,6 +29,9 @@ class ScalingSection:
     use_gpu: bool = False
     cpus_per_worker: Optional[float] = None   # None: share the cluster's cores out (sweep.plan_resources)
     gpus_per_worker: float = 1.0
+    # custom Ray resources each worker needs, e.g. {node_b: 1} to pin a trial to the nodes that
+    # advertise them (`ray start --resources='{"node_b": 1}'`); CPU and GPU come from the keys above
+    resources_per_worker: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

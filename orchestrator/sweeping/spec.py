@@ -134,7 +134,8 @@ def format_dry_run(spec: SweepSpec) -> str:
     device = "gpu" if f.scaling.use_gpu else "cpu"
     per_worker = ("CPU from the cluster's cores" if f.scaling.cpus_per_worker is None
                   else f"{f.scaling.cpus_per_worker:g} CPU") + (
-        f" + {f.scaling.gpus_per_worker:g} GPU" if f.scaling.use_gpu else "")
+        f" + {f.scaling.gpus_per_worker:g} GPU" if f.scaling.use_gpu else "") + "".join(
+        f" + {v:g} {k}" for k, v in sorted(f.scaling.resources_per_worker.items()))
     sched = f.scheduler
     scheduler = sched.type if sched.type == "fifo" else (
         f"asha (grace_period={sched.grace_period}, max_t={sched.max_t} images, "
@@ -235,6 +236,11 @@ def _check_file(f: SweepFile, source: str) -> None:
          f"must be > 0, got {f.scaling.cpus_per_worker}"),
         ("scaling.gpus_per_worker", not f.scaling.use_gpu or f.scaling.gpus_per_worker > 0,
          f"must be > 0 with use_gpu, got {f.scaling.gpus_per_worker}"),
+        ("scaling.resources_per_worker",
+         not {"CPU", "GPU", "memory"} & set(f.scaling.resources_per_worker)
+         and all(v > 0 for v in f.scaling.resources_per_worker.values()),
+         f"takes custom resources > 0 (CPU and GPU come from cpus_per_worker and gpus_per_worker), "
+         f"got {dict(f.scaling.resources_per_worker)}"),
         ("failure.max_failures", f.failure.max_failures >= 0,
          f"must be >= 0, got {f.failure.max_failures}"),
         ("tracking.experiment", f.tracking.experiment.strip(), "must name an MLflow experiment"),

@@ -25,6 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
 from orchestrator.sweeping.layout import SweepContext, TrialSpec
+from softdimo.world.layout import resolve_spec as resolve_world
 
 
 class TrialError(RuntimeError):
@@ -82,11 +83,12 @@ def train_worker(loop_config: dict) -> None:
     resolved = loop_config["config"]
     from evaluators.suite import reward_factory
 
-    ctx = build_context(cfg, progress=False, reward_factory=reward_factory)
     evaluation = sweep.evaluation
     tracker = None
     if rank == 0:
         tracker = tracking.Tracker(sweep.tracking_uri, loop_config["run_id"], files.spool)
+    _announce_world_build(cfg, key, rank, tracker)
+    ctx = build_context(cfg, progress=False, reward_factory=reward_factory)
     last_eval = {"images": 0}
 
     def report(step: int, metrics: dict, saved: Path | None) -> None:
@@ -120,12 +122,13 @@ def train_worker(loop_config: dict) -> None:
         if restored is None:
             start = 0
             if rank == 0:
-                _append_json(files.attempts, {"pid": os.getpid(), "start_step": 0, "time": time.time()})
+                _append_json(files.attempts, {"pid": os.getpid(), "node": _node(), "start_step": 0,
+                                               "time": time.time()})
             result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False)
         else:
             start = int(read_meta(restored)["step"])
             if rank == 0:
-                _append_json(files.attempts, {"pid": os.getpid(), "start_step": start,
+                _append_json(files.attempts, {"pid": os.getpid(), "node": _node(), "start_step": start,
                                                "time": time.time()})
             result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False, resume_from=restored)
     except FloatingPointError as err:
@@ -146,6 +149,30 @@ def train_worker(loop_config: dict) -> None:
             tracker.log_metrics(result.step, {"ddp/max_param_spread": final["ddp/max_param_spread"]})
         files.final.write_text(json.dumps(final, indent=2, sort_keys=True))
         tracker.close()
+
+
+def _node() -> str:
+    """This worker's node as Ray addresses it (attempts.jsonl and tags say which node ran what)."""
+    return ray.util.get_node_ip_address()
+
+
+def _announce_world_build(cfg, key: str, rank: int, tracker) -> None:
+    """A worker about to build part of the embedded world says so, on stderr and in MLflow (tag
+    ``softdimo.world_build``), instead of silently spending minutes on it (the full world: ~15)."""
+    from softdimo.world.layout import TRACK_NEEDS, built_components, with_dependencies, world_dir
+
+    if cfg.teacher.kind not in ("world_c2i", "world_t2i"):
+        return
+    root = world_dir(resolve_world(cfg.world.spec), cfg.world.cache_dir)
+    missing = sorted(with_dependencies(TRACK_NEEDS[cfg.teacher.kind[len("world_"):]])
+                     - built_components(root))
+    if not missing:
+        return
+    message = (f"trial {key} rank {rank} on node {_node()}: the embedded world lacks "
+               f"{', '.join(missing)} at {root}; building it here, under the world's lock")
+    logging.getLogger(__name__).warning(message)
+    if tracker is not None:
+        tracker.set_tags({"softdimo.world_build": message})
 
 
 def _verified(restored: "ray.train.Checkpoint") -> Path | None:
@@ -179,6 +206,7 @@ def _trainer(trial: TrialSpec, sweep: SweepContext, run_id: str) -> TorchTrainer
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
+    resources.update(scaling.resources_per_worker)
     return TorchTrainer(
         train_worker,
         train_loop_config={"sweep": sweep, "key": trial.key, "config": trial.config,

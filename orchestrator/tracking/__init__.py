@@ -74,33 +74,41 @@ def ui_command(store: Path) -> str:
 
 class LocalServer:
     """``mlflow server`` on ``<store>/mlflow.db`` + ``<store>/artifacts``, in its own process group
-    led by ``orchestrator.tracking.watchdog``, which stops the server when this process dies."""
+    led by ``orchestrator.tracking.watchdog``, which stops the server when this process dies.
 
-    def __init__(self, store: Path, port: int, process: subprocess.Popen):
-        self.store, self.port, self.process = store, port, process
-        self.uri = f"http://127.0.0.1:{port}"
+    ``host`` is the address it listens on and the one its URI names: 127.0.0.1 when every client
+    runs on this machine, the node's own address when Ray nodes elsewhere log to it.
+    """
+
+    def __init__(self, store: Path, port: int, process: subprocess.Popen, host: str = "127.0.0.1"):
+        self.store, self.port, self.process, self.host = store, port, process, host
+        self.uri = f"http://{host}:{port}"
 
     @classmethod
-    def start(cls, store: Path, port: int | None = None, timeout: float = 90) -> "LocalServer":
+    def start(cls, store: Path, port: int | None = None, timeout: float = 90,
+              host: str = "127.0.0.1") -> "LocalServer":
         store = Path(store).resolve()
         (store / "artifacts").mkdir(parents=True, exist_ok=True)
         # Create the schema here, before the server (and any worker) touches the file.
         _client(sqlite_uri(store)).search_experiments(max_results=1)
         if not port:
             with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
+                sock.bind((host, 0))
                 port = sock.getsockname()[1]
         log_path = store / "server.log"
         # under the watchdog: the server ends with this process even when it is SIGKILLed
         cmd = [sys.executable, str(Path(__file__).with_name("watchdog.py")), "--",
                sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_uri(store),
-               "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1",
+               "--default-artifact-root", str(store / "artifacts"), "--host", host,
                "--port", str(port), "--workers", "1"]
+        if host != "127.0.0.1":     # MLflow's DNS-rebinding guard admits localhost and private IPs
+            cmd += ["--allowed-hosts", f"{host},{host}:{port},localhost,localhost:{port},127.0.0.1,"
+                    f"127.0.0.1:{port}"]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(log_path, "ab") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
-        server = cls(store, port, process)
+        server = cls(store, port, process, host)
         deadline = time.monotonic() + timeout
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while time.monotonic() < deadline:

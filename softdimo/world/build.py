@@ -303,6 +303,27 @@ def build_components(spec: WorldSpec | str, cache_dir: str | Path | None, needs,
     return root
 
 
+def copy_world(spec: WorldSpec | str, src_cache: str | Path, dst_cache: str | Path, needs) -> bool:
+    """Copy the world ``src_cache`` holds into ``dst_cache`` when the source has every component of
+    ``needs`` and the destination none (e.g. a node's own cache onto the storage every node of a
+    cluster reads): a copy, not a second build. Under both worlds' locks; the copy lands whole, by
+    one rename. Returns whether it copied."""
+    spec = resolve_spec(spec)
+    src, dst = world_dir(spec, src_cache), world_dir(spec, dst_cache)
+    wanted = with_dependencies(needs)
+    if src.resolve() == dst.resolve() or wanted - built_components(src):
+        return False
+    with _lock(src.with_name(src.name + ".lock")), _lock(dst.with_name(dst.name + ".lock")):
+        if built_components(dst):      # partly there already: the builder adds the rest beside it
+            return False
+        tmp = dst.with_name(f".{dst.name}.copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*.tmp"))
+        shutil.rmtree(dst, ignore_errors=True)     # nothing committed in it: scratch at most
+        tmp.replace(dst)
+    return True
+
+
 def build_world(spec: WorldSpec | str, cache_dir: str | Path | None = None, force: bool = False,
                 progress: bool = True) -> Path:
     """Build every component of ``spec``'s world into ``<cache>/world-<name>-<hash>/``.
