@@ -65,9 +65,9 @@ def test_models_never_import_trainers_evaluators_or_orchestrator():
         assert not roots(file) & {"trainers", "evaluators", "orchestrator"}, file
 
 
-# Ray lives at the orchestration edge (the sweep, its trials, the tokenizer's Ray Data job and the
+# Ray lives at the orchestration edge (the sweep and its stages, its trials, the tokenizer's Ray Data job and the
 # evaluator pool), MLflow in the one tracking package (the design card, ARCHITECTURE.md §2).
-RAY_EDGE = {"sweep.py", "trial.py", "pool.py", "pg_cleanup.py", "tokenize.py"}
+RAY_EDGE = {"sweep.py", "stages.py", "trial.py", "pool.py", "pg_cleanup.py", "tokenize.py"}
 MLFLOW_EDGE = "tracking"
 
 
