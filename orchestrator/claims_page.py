@@ -49,6 +49,7 @@ class Claim:
     paper: str                # the paper's figure/table it mirrors
     track: str                # "c2i" | "t2i": which claims sweep holds its arms
     checks: tuple[Check, ...]
+    shown: tuple[str, ...] = ()   # arms shown beside the checked ones (the first-stage student)
 
 
 FID, GENEVAL, CLIP = "eval/world_fid", "eval/geneval_world", "eval/world_clip"
@@ -59,7 +60,7 @@ CLAIMS = (
           (Check("soft_gan", FID, Ref("teacher", 1), False),
            Check("soft_gan", FID, Ref("teacher", 16, factor=1.1), False))),
     Claim("b", "Di[M]O + GAN beats Di[M]O alone (same iterations from the same student)",
-          "Table 3 / Fig. 4", "c2i", (Check("soft_gan", FID, Ref("arm", "dimo_only"), False),)),
+          "Table 3 / Fig. 4", "c2i", (Check("soft_gan", FID, Ref("arm", "dimo_only"), False),), ("student",)),
     Claim("c", "soft embeddings beat Gumbel-softmax straight-through", "Fig. 4a", "c2i",
           (Check("soft_gan", FID, Ref("arm", "gumbel_st"), False),)),
     Claim("d", "the GAN mask range matters: [0, 0.95] < [0, 0.5] < [0, 0] in world-FID", "Fig. 4c", "c2i",
@@ -69,7 +70,7 @@ CLAIMS = (
           "and GenEval-world to or above the 16-step teacher", "Table 2", "t2i",
           (Check("reward", CLIP, Ref("arm", "dimo_only"), True),
            Check("reward", GENEVAL, Ref("arm", "dimo_only"), True),
-           Check("reward", GENEVAL, Ref("teacher", 16), True))),
+           Check("reward", GENEVAL, Ref("teacher", 16), True)), ("student",)),
     Claim("f", "Best-of-N + TTEO lifts GenEval-world further, above the 16-step teacher",
           "Table 2 + test-time scaling", "t2i",
           (Check("reward", TTS_GENEVAL, Ref("arm", "reward", GENEVAL), True),
@@ -270,11 +271,12 @@ def render(data: Data, out: Path, command: str, commit: str, sources: dict[str, 
     files = []
     for claim in claims:
         metrics, arms = _claim_metrics(claim), _claim_arms(claim)
+        arms += [a for a in claim.shown if a in data.arms.get(claim.track, {})]
         lines += ["", f"## Claim {claim.key}: {claim.text}", "",
                   f"Mirrors the paper's {claim.paper}. Verdict: **{verdicts[claim.key]}**.", ""]
         rows = [[ARM_LABELS.get(a, a) + f" (`{a}`)"] + [data.stats(claim.track, a, m).text() for m in metrics]
                 for a in arms]
-        rows += [[f"teacher, {s} steps"] + [data.reference(claim.track, Ref("teacher", s), m).text()
+        rows += [[f"teacher, {s} step{'s' if s > 1 else ''}"] + [data.reference(claim.track, Ref("teacher", s), m).text()
                                             for m in metrics] for s in _teacher_steps(claim)]
         lines += _table(["arm"] + [f"{m} (mean ± std over seeds)" for m in metrics], rows) + [""]
         lines += _table(["check", "d", "2·SE", "verdict"],

@@ -212,11 +212,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.claims:
-        from orchestrator import claims
+        from orchestrator import claims_report
 
         dirs = [Path(s) if Path(s).is_dir() else args.output_dir / s for s in args.sweep]
         command = args.command or "python -m orchestrator.report " + " ".join(sys.argv[1:] if argv is None else argv)
-        claims.report(dirs, args.out or Path("docs/results/claims"), command, args.commit,
+        claims_report.report(dirs, args.out or Path("docs/results/claims"), command, args.commit,
                       args.experiment)
         return 0
     if len(args.sweep) != 1:

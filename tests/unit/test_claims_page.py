@@ -84,3 +84,42 @@ def test_render_writes_every_claim_with_its_paper_reference_command_and_commit(t
         assert "[0, 0.95] (10) < [0, 0.5] (20) < [0, 0] (30)" in page      # claim d's order
         assert "| **reproduced** |" in page and "(n=3)" in page
     assert len(files) == len(CLAIMS) + 1
+
+
+def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_folders(tmp_path):
+    """claims_report.gather on a sweep folder as a finished claims sweep leaves it (no Ray, no MLflow)."""
+    import json
+
+    from orchestrator import report
+    from orchestrator.claims_report import TEACHER_STEPS, gather
+    from orchestrator.config import UserError
+    from orchestrator.sweeping.layout import SweepLayout
+
+    layout = SweepLayout(tmp_path / "claims_c2i")
+    config = {"teacher": {"kind": "world_c2i"}, "world": {"spec": "test"}}
+    trials = [{"key": f"t00{i}", "overrides": {"arm": arm, "seed": seed}, "config": {**config, "seed": seed}}
+              for i, (arm, seed) in enumerate([("soft_gan", 0), ("soft_gan", 1), ("dimo_only", 0)])]
+    students = [{"key": "student-seed0", "overrides": {"seed": 0}, "config": {**config, "seed": 0}}]
+    evaluation = {"metrics": ["world_fid"]}
+    layout.root.mkdir(parents=True)
+    layout.state.write_text(json.dumps({"name": "claims_c2i", "file": {"evaluation": evaluation},
+                                        "trials": trials, "students": students}))
+    for i, t in enumerate(students + trials):
+        layout.trial(t["key"]).root.mkdir(parents=True)
+        layout.trial(t["key"]).eval_log.write_text("".join(
+            json.dumps({"step": s, "checkpoint": "x", "metrics": {"eval/world_fid": 10.0 * i + s}}) + "\n"
+            for s in (2, 1)))                                       # the latest step counts
+    key = {"evaluation": evaluation, "teacher": config["teacher"], "world": config["world"],
+           "steps": list(TEACHER_STEPS)}
+    layout.teacher_refs.write_text(json.dumps({"key": key, "steps": {"1": {"eval/world_fid": 300.0},
+                                                                      "16": {"eval/world_fid": 9.0}}}))
+    data, sources, parents = gather([layout.root])
+    assert data.arms["c2i"] == {"student": {"eval/world_fid": [2.0]}, "soft_gan": {"eval/world_fid": [12.0, 22.0]},
+                                "dimo_only": {"eval/world_fid": [32.0]}}
+    assert data.seeds["c2i"] == [0, 1] and data.teacher["c2i"][16]["eval/world_fid"] == 9.0
+    assert "claims_c2i" in sources["c2i"] and parents == [(None, "claims_c2i")]
+    out = tmp_path / "page"
+    assert report.main(["--claims", str(layout.root), "--out", str(out)]) == 0
+    assert "| b | " in (out / "claims.md").read_text()
+    with pytest.raises(UserError, match="not a sweep folder"):
+        gather([tmp_path / "nothing"])
