@@ -47,9 +47,10 @@ def teacher_references(layout, state: dict, progress: bool = False) -> dict:
         cached = json.loads(layout.teacher_refs.read_text())
         if cached.get("key") == key:
             return {int(k): v for k, v in cached["steps"].items()}
-    if evaluation.get("test_time"):
-        evaluation["test_time"] = TestTime(**evaluation["test_time"])
-    settings = eval_settings(EvaluationSection(**evaluation))
+    section = dict(evaluation)       # the cache key keeps the plain JSON
+    if section.get("test_time"):
+        section["test_time"] = TestTime(**section["test_time"])
+    settings = eval_settings(EvaluationSection(**section))
     settings.test_time = None          # the references are the teacher's plain sampling
     cfg = from_dict(state["trials"][0]["config"], f"{layout.state}: trials[0]")
     evaluator = Evaluator(settings, device=resolve_device("auto"), progress=progress)
