@@ -1,6 +1,7 @@
 """Plots and a results table of one sweep, read back from MLflow.
 
-``python -m orchestrator.report <sweep name | parent run id>`` draws one PNG per metric (metric
+``python -m orchestrator.report --claims <sweep> ...`` renders the paper's claims page instead
+(``orchestrator.claims``). ``python -m orchestrator.report <sweep name | parent run id>`` draws one PNG per metric (metric
 against training step, one line per trial, as in the paper's Fig. 4), writes ``results.md`` and
 ``results.csv`` (one row per trial: the params that differ between trials, the last value of every
 metric and the best value of every ``eval/`` metric), and logs them to the sweep's parent run under
@@ -189,7 +190,13 @@ def parser() -> argparse.ArgumentParser:
                     "metric, one line per trial), write results.md/results.csv (one row per "
                     "trial: differing params, last value of each metric, best value of eval/ "
                     "metrics) and log them to the sweep's parent MLflow run under report/.")
-    p.add_argument("sweep", help="sweep name (the newest parent run of that name) or parent run id")
+    p.add_argument("sweep", nargs="+", help="sweep name (the newest parent run of that name) or parent "
+                   "run id; with --claims: the claims sweeps' names or folders")
+    p.add_argument("--claims", action="store_true",
+                   help="the paper's claims page (orchestrator.claims_page) from the claims sweeps "
+                        "(default --out docs/results/claims)")
+    p.add_argument("--command", help=argparse.SUPPRESS)   # orchestrator.claims: the command to record
+    p.add_argument("--commit", help=argparse.SUPPRESS)
     p.add_argument("--output-dir", default="runs/sweeps", type=Path,
                    help="the sweeps' output folder (default: runs/sweeps)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's recorded "
@@ -204,6 +211,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.claims:
+        from orchestrator import claims_report
+
+        dirs = [Path(s) if Path(s).is_dir() else args.output_dir / s for s in args.sweep]
+        command = args.command or "python -m orchestrator.report " + " ".join(sys.argv[1:] if argv is None else argv)
+        claims_report.report(dirs, args.out or Path("docs/results/claims"), command, args.commit,
+                      args.experiment)
+        return 0
+    if len(args.sweep) != 1:
+        raise UserError(f"one sweep at a time (got {len(args.sweep)}); several only with --claims")
+    args.sweep = args.sweep[0]
     uri = resolve_uri(args.sweep, args.output_dir, args.tracking_uri)
     try:
         parent = tracking.find_parent(uri, args.experiment, args.sweep)

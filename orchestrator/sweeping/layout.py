@@ -7,6 +7,7 @@
     <output_dir>/<name>/                    SweepLayout.root
         .softdimo-sweep                     marker: --overwrite deletes only folders holding it
         sweep.json                          the expanded trials, the tracking URI to read them back
+        teacher.json                        the teacher's references at 1 and 16 steps (claims page)
         mlflow_server.json                  the sweep's own MLflow server while it runs
         parent_spool.jsonl                  the parent run's records while MLflow is away
         tune/  tune_students/               Tune's state of each stage (deleted unread on --resume)
@@ -96,6 +97,7 @@ class SweepLayout:
     PARENT_SPOOL = "parent_spool.jsonl"
     TRIALS, TRAIN, TUNE = "trials", "train", "tune"
     STUDENTS, TUNE_STUDENTS = "students", "tune_students"
+    TEACHER = "teacher.json"            # the teacher's references for the claims page (orchestrator.claims)
     STUDENT_PREFIX = "student-seed"     # a student's key: one per training seed (search keys: t000...)
 
     @classmethod
@@ -138,6 +140,10 @@ class SweepLayout:
     @property
     def tune(self) -> Path:
         return self.root / self.TUNE
+
+    @property
+    def teacher_refs(self) -> Path:
+        return self.root / self.TEACHER
 
     @property
     def students(self) -> Path:

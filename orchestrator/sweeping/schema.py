@@ -109,6 +109,9 @@ class SweepFile:
     description: str = ""
     base: Dict[str, Any] = field(default_factory=dict)    # dotted key -> value, every trial
     search: Dict[str, Any] = field(default_factory=dict)  # dotted key -> {sampler: values}
+    # named override sets ("arms" of a comparison), each crossed with the search: arm name ->
+    # {dotted key: value}; empty: no arms
+    arms: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     student: Optional[StudentSection] = None              # None: one stage, trials start afresh
     num_samples: int = 1
     search_seed: int = 0

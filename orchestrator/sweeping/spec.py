@@ -1,8 +1,9 @@
 """Sweep files: loading, validation and the expansion into trials (no Ray here).
 
 A sweep file names a preset, dotted training-config overrides (``base``) and a ``search`` of one
-sampler per key; a ``student`` section adds the two-stage recipe's first stage (one student per
-training seed, see ``StudentSection``). ``load_sweep`` resolves and validates every trial's full training config before
+sampler per key; ``arms`` are named override sets, each crossed with the search; a ``student``
+section adds the two-stage recipe's first stage (one student per training seed, see
+``StudentSection``). ``load_sweep`` resolves and validates every trial's full training config before
 anything runs, so a typo or an out-of-range value costs one line of error, not a cluster start.
 Each problem is a ``UserError`` "<sweep file>: <key>: <problem>".
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -20,22 +20,15 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from evaluators.suite import METRICS, TEST_TIME_METRICS
 from orchestrator.config import (UserError, assign, check_files, key_problem, load_yaml, merge_checked,
                                  parse_value, split_override, to_dict, validated)
 from softdimo.teachers import TeacherFilesMissing
+from orchestrator.sweeping.checks import NAME_PATTERN, check_eval_weights, check_file  # noqa: F401 (re-exported)
 from orchestrator.sweeping.layout import SweepLayout
 from orchestrator.sweeping.schema import StudentSection, SweepFile, SweepSpec, Trial
-from trainers.config import Config, ConfigValueError, check_test_time, check_values
+from trainers.config import Config, ConfigValueError, check_values
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
-SCHEDULERS = ("fifo", "asha")
-MODES = ("min", "max")
-EVAL_METRICS = METRICS                   # evaluators.suite: what the evaluator pool computes
-# eval/* names a metric produces besides its own
-EVAL_OUTPUTS = {"prdc": ("precision", "recall", "density", "coverage"), "geneval_world": (), "geneval": ()}
-# a folder under output_dir: no "..", no hidden names (the sweep's lock file is .<name>.lock)
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 MAX_TRIALS = 10_000      # the expansion is held in memory and printed by the dry run
 # Set by the sweep for every trial: a value from the file would be silently replaced.
 RESERVED = {"output_dir": "set per trial to <sweep_dir>/trials/<key>",
@@ -54,7 +47,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None
     train_items = [(item, key, value) for item, key, value in items if not key.startswith("sweep.")]
 
     file = _load_file(file_path, sweep_items, source)
-    _check_file(file, source)
+    check_file(file, source)
     preset = Path(file.preset).expanduser()
     preset = (preset if preset.is_absolute() else file_path.parent / preset).resolve()
     if not preset.is_file():
@@ -86,14 +79,33 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None
             for bound in values:
                 layers.resolve("bounds", {key: bound})
 
+    _check_arms(file, samplers, source)
     spec = SweepSpec(source=source, file=file, preset=str(preset), trials=[])
-    for index, values in enumerate(_expand(samplers, file.num_samples, file.search_seed)):
+    expanded = _expand(samplers, file.num_samples, file.search_seed)
+    arms = list(file.arms.items()) or [(None, {})]
+    if len(arms) * len(expanded) > MAX_TRIALS:
+        raise UserError(f"{source}: arms: {len(arms)} arms x {len(expanded)} search trials is more "
+                        f"than {MAX_TRIALS}; split the sweep")
+    for index, (arm, values) in enumerate((arm, values) for arm in arms for values in expanded):
         key = f"t{index:03d}"
-        config, chosen = layers.resolve(key, values)
+        config, chosen = layers.resolve(key, values, arm=arm)
         spec.trials.append(Trial(key=key, overrides=chosen, label=_label(chosen), config=config))
     if file.student is not None:
         _add_students(spec, layers)
     return spec
+
+
+def _check_arms(file: SweepFile, samplers: dict, source: str) -> None:
+    """Arm names are folder-safe labels; an arm may not set a key the search also sets."""
+    for name, values in file.arms.items():
+        if not NAME_PATTERN.fullmatch(name):
+            raise UserError(f"{source}: arms.{name}: an arm's name may only use letters, digits, _ . -")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: arms.{name}: needs a mapping of dotted keys to values, got {values!r}")
+        for key in values:
+            for search_key in samplers:
+                if key == search_key or key.startswith(search_key + ".") or search_key.startswith(key + "."):
+                    raise UserError(f"{source}: arms.{name}.{key}: also set by search.{search_key}; remove one")
 
 
 def _check_init(file: SweepFile, layers: "_Layers", source: str) -> None:
@@ -162,6 +174,8 @@ def format_dry_run(spec: SweepSpec) -> str:
         f"  tracking:    {f.tracking.uri or 'local MLflow server'}, experiment {f.tracking.experiment}",
         f"  output:      {spec.sweep_dir}",
     ]
+    if f.arms:
+        lines.insert(4, f"  arms:        {', '.join(f.arms)} (each crossed with the search)")
     if spec.students:
         lines.insert(4, f"  students:    {len(spec.students)} (one per training seed; every trial "
                         "starts from its seed's student's final checkpoint)")
@@ -185,6 +199,11 @@ def _load_file(path: Path, items: list, source: str) -> SweepFile:
                 cfg.student = OmegaConf.structured(StudentSection)
             head, rest = "student.overrides", key[len("student.overrides."):]
             target = cfg.student.overrides
+        elif head == "arms" and rest.count(".") >= 1:     # arms.<name>.<dotted key>
+            name, rest = rest.split(".", 1)
+            if name not in cfg.arms:
+                cfg.arms[name] = {}
+            target = cfg.arms[name]
         else:
             target = cfg[head] if head in ("base", "search") else None
         if target is not None and rest:
@@ -202,114 +221,6 @@ def _load_file(path: Path, items: list, source: str) -> SweepFile:
         if OmegaConf.is_missing(cfg, required):
             raise UserError(f"{source}: {required}: missing (required)")
     return OmegaConf.to_object(cfg)
-
-
-def _produced(name: str, metrics: Sequence[str], test_time: bool = False) -> bool:
-    """Does the pool, computing ``metrics`` (and test-time-scaled ones if asked), report eval/<name>?"""
-    if name.startswith("tts/"):
-        name = name[len("tts/"):]
-        metrics = [m for m in metrics if m in TEST_TIME_METRICS] if test_time else []
-        if name == "seconds_per_prompt":
-            return bool(metrics)
-    head = name.split("/")[0]
-    return head in metrics or any(name in EVAL_OUTPUTS.get(m, ()) for m in metrics)
-
-
-def _check_file(f: SweepFile, source: str) -> None:
-    """Range and consistency checks the type system cannot express; the first one found is raised."""
-    sched, evaluation = f.scheduler, f.evaluation
-    eval_metric = f.metric[len("eval/"):] if f.metric.startswith("eval/") else None
-    tts = evaluation.test_time is not None
-    checks = [
-        ("name", NAME_PATTERN.fullmatch(f.name), f"{f.name!r} may only use letters, digits, _ . - and cannot start with ."),
-        ("preset", f.preset.strip(), "must name a preset file"),
-        ("num_samples", f.num_samples >= 1, f"must be >= 1, got {f.num_samples}"),
-        ("search_seed", f.search_seed >= 0, f"must be >= 0, got {f.search_seed}"),
-        ("mode", f.mode in MODES, f"{f.mode!r} is not one of {', '.join(MODES)}"),
-        ("metric", f.metric.strip(), "must name a metric, e.g. eval/world_fid"),
-        ("scheduler.type", sched.type in SCHEDULERS,
-         f"{sched.type!r} is not one of {', '.join(SCHEDULERS)}"),
-        ("max_concurrent_trials", f.max_concurrent_trials is None or f.max_concurrent_trials >= 1,
-         f"must be >= 1 or null, got {f.max_concurrent_trials}"),
-        ("scaling.num_workers", f.scaling.num_workers >= 1, f"must be >= 1, got {f.scaling.num_workers}"),
-        ("scaling.cpus_per_worker", f.scaling.cpus_per_worker is None or f.scaling.cpus_per_worker > 0,
-         f"must be > 0, got {f.scaling.cpus_per_worker}"),
-        ("scaling.gpus_per_worker", not f.scaling.use_gpu or f.scaling.gpus_per_worker > 0,
-         f"must be > 0 with use_gpu, got {f.scaling.gpus_per_worker}"),
-        ("scaling.resources_per_worker",
-         not {"CPU", "GPU", "memory"} & set(f.scaling.resources_per_worker)
-         and all(v > 0 for v in f.scaling.resources_per_worker.values()),
-         f"takes custom resources > 0 (CPU and GPU come from cpus_per_worker and gpus_per_worker), "
-         f"got {dict(f.scaling.resources_per_worker)}"),
-        ("failure.max_failures", f.failure.max_failures >= 0,
-         f"must be >= 0, got {f.failure.max_failures}"),
-        ("tracking.experiment", f.tracking.experiment.strip(), "must name an MLflow experiment"),
-        ("evaluation.metrics", set(evaluation.metrics) <= set(EVAL_METRICS),
-         f"{evaluation.metrics} has unknown metrics; known: {', '.join(EVAL_METRICS)}"),
-        ("evaluation.num_images", evaluation.num_images >= 0,
-         f"must be >= 0, got {evaluation.num_images}"),
-        ("evaluation.every_images", evaluation.every_images >= 0,
-         f"must be >= 0, got {evaluation.every_images}"),
-        ("evaluation.temperatures", evaluation.temperatures and min(evaluation.temperatures) > 0,
-         f"needs positive temperatures, got {evaluation.temperatures}"),
-        ("evaluation.actors", evaluation.actors >= 1, f"must be >= 1, got {evaluation.actors}"),
-        ("evaluation.geneval_prompts_per_task", evaluation.geneval_prompts_per_task >= 1,
-         f"must be >= 1, got {evaluation.geneval_prompts_per_task}"),
-        ("evaluation.images_per_prompt", evaluation.images_per_prompt >= 1,
-         f"must be >= 1, got {evaluation.images_per_prompt}"),
-        ("evaluation.cpus_per_actor", evaluation.cpus_per_actor > 0,
-         f"must be > 0, got {evaluation.cpus_per_actor}"),
-        ("evaluation.gpus_per_actor", evaluation.gpus_per_actor >= 0,
-         f"must be >= 0, got {evaluation.gpus_per_actor}"),
-        ("metric", eval_metric is None or (_produced(eval_metric, evaluation.metrics, tts)
-                                           and evaluation.num_images),
-         f"{f.metric} is never computed: needs {eval_metric.split('/')[0] if eval_metric else ''} in "
-         "evaluation.metrics and evaluation.num_images > 0"),
-    ]
-    if sched.type == "asha":
-        checks += [
-            ("scheduler.grace_period", sched.grace_period is not None and sched.grace_period > 0,
-             f"asha needs grace_period > 0 (images seen), got {sched.grace_period}"),
-            ("scheduler.max_t", sched.max_t is not None and sched.max_t > 0,
-             f"asha needs max_t > 0 (images seen), got {sched.max_t}"),
-            ("scheduler.max_t", sched.max_t is None or sched.grace_period is None
-             or sched.max_t >= sched.grace_period,
-             f"must be >= grace_period ({sched.grace_period}), got {sched.max_t}"),
-            ("scheduler.reduction_factor", sched.reduction_factor > 1,
-             f"must be > 1, got {sched.reduction_factor}"),
-            # ASHA reads the trials' own reports; eval/* arrive later, from the evaluator pool.
-            ("scheduler.type", eval_metric is None,
-             f"asha needs a metric the trials report while training, not {f.metric} (evaluator "
-             "results arrive asynchronously); watch e.g. loss/dimo or diag/entropy"),
-        ]
-    for key, ok, problem in checks:
-        if not ok:
-            raise UserError(f"{source}: {key}: {problem}")
-    if tts:
-        try:
-            check_test_time(evaluation.test_time, prefix="evaluation.test_time.")
-        except ConfigValueError as err:
-            raise UserError(f"{source}: {err}") from None
-
-
-def check_eval_weights(spec: SweepSpec) -> None:
-    """The evaluator pool's weight files exist and read as tensors: checked by the dry run and
-    before Ray starts (otherwise every trial trains and the pool's actors die one after another)."""
-    ev, source = spec.file.evaluation, spec.source
-    if not ev.metrics or not ev.num_images:
-        return
-    from dataclasses import asdict
-
-    from evaluators.suite import EvalSettings, Evaluator
-    from evaluators.networks.weights import WeightsMissing
-    from softdimo.checkpoints import WeightsFileError, check_weight_paths
-
-    try:
-        Evaluator(EvalSettings(metrics=list(ev.metrics), reference=ev.reference, paths=dict(ev.weights),
-                               test_time=asdict(ev.test_time) if ev.test_time else None))
-        check_weight_paths(ev.weights)
-    except (WeightsMissing, WeightsFileError) as err:
-        raise UserError(f"{source}: evaluation.weights: {err}") from None
 
 
 def _sampler(key: str, spec: Any, source: str) -> tuple[str, list]:
@@ -365,10 +276,15 @@ class _Layers:
         self.common = cfg
         return self
 
-    def resolve(self, key: str, values: dict, layer: str = "search") -> tuple[dict, dict]:
+    def resolve(self, key: str, values: dict, layer: str = "search",
+                arm: tuple[str | None, dict] = (None, {})) -> tuple[dict, dict]:
         """A trial's validated config (plain dict) and its ``layer`` values (the search's, or a
-        student's overrides) as the config holds them."""
+        student's overrides) as the config holds them, led by ``arm`` (the arm's name) if any;
+        the arm's own overrides go between the common layers and the search's values."""
         cfg = copy.deepcopy(self.common)
+        arm_name, arm_values = arm
+        for name, value in arm_values.items():
+            _assign(cfg, name, value, f"{self.source}: arms.{arm_name}.{name}: value {_fmt(value)}")
         for name, value in values.items():
             _assign(cfg, name, value, f"{self.source}: {layer}.{name}: value {_fmt(value)}")
         chosen = {}
@@ -384,10 +300,11 @@ class _Layers:
             check_values(obj)
             check_files(obj)
         except (ConfigValueError, TeacherFilesMissing) as err:
-            raise UserError(self.blame(err, key, values, layer)) from None
-        return to_dict(obj), chosen
+            raise UserError(self.blame(err, key, values, layer, arm)) from None
+        return to_dict(obj), ({"arm": arm_name, **chosen} if arm_name is not None else chosen)
 
-    def blame(self, err: ConfigValueError, key: str, values: dict, layer: str = "search") -> str:
+    def blame(self, err: ConfigValueError, key: str, values: dict, layer: str = "search",
+              arm: tuple[str | None, dict] = (None, {})) -> str:
         """Name the last layer that set the bad key: search, then overrides, then base."""
         def related(name: str) -> bool:
             return err.key == name or err.key.startswith(name + ".") or name.startswith(err.key + ".")
@@ -398,6 +315,9 @@ class _Layers:
         for name, value in values.items():
             if related(name):
                 return f"{self.source}: {layer}.{name}: value {_fmt(value)}: {reason(name)}"
+        for name, value in arm[1].items():
+            if related(name):
+                return f"{self.source}: arms.{arm[0]}.{name}: value {_fmt(value)}: {reason(name)}"
         for item, name, _ in reversed(self.train_items):
             if related(name):
                 return f"{self.source} (override {item}): {err.key}: {err.message}"

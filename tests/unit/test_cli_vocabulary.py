@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CLIS = ("train", "sweep", "generate", "evaluate", "report", "tokenize", "prepare")
+CLIS = ("train", "sweep", "generate", "evaluate", "report", "tokenize", "prepare", "claims")
 
 
 def _options(verb: str) -> dict:

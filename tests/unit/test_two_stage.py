@@ -85,3 +85,47 @@ def test_students_of_different_seeds_run_side_by_side(tmp_path):
     one = load(tmp_path, "student: {overrides: {}}\nsearch: {gan.weight: {grid: [1, 2]}}\n"
                          "evaluation: {num_images: 0}\nmetric: loss/dimo\n")
     assert len(one.students) == 1 and plan_resources(one, {"CPU": 2.0}, 1) == (1, 1.99, 2)
+
+
+ARMS = """arms:
+  plain: {}
+  gumbel: {embedding.kind: gumbel_st, gan.weight: 5}
+search: {seed: {grid: [0, 1]}}
+"""
+
+
+def test_arms_are_named_override_sets_crossed_with_the_search(tmp_path):
+    spec = load(tmp_path, ARMS)
+    assert [t.label for t in spec.trials] == ["arm=plain seed=0", "arm=plain seed=1",
+                                             "arm=gumbel seed=0", "arm=gumbel seed=1"]
+    assert [t.overrides["arm"] for t in spec.trials] == ["plain", "plain", "gumbel", "gumbel"]
+    assert [t.config["embedding"]["kind"] for t in spec.trials] == ["soft", "soft", "gumbel_st", "gumbel_st"]
+    assert spec.trials[2].config["gan"]["weight"] == 5.0
+    assert "arms:        plain, gumbel" in format_dry_run(spec)
+    spec = load(tmp_path, ARMS, ["sweep.arms.plain.gan.weight=7", "sweep.arms.new.gan.weight=3"])
+    assert spec.trials[0].config["gan"]["weight"] == 7.0 and len(spec.trials) == 6
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("arms: {a: {gan.weigth: 1}}\n", r"s.yaml: arms.a.gan.weigth: value 1: "),
+    ("arms: {a: {gan.weight: -1}}\n", r"s.yaml: arms.a.gan.weight: value -1"),
+    ("arms: {a: {seed: 1}}\nsearch: {seed: {grid: [0]}}\n", r"arms.a.seed: also set by search.seed"),
+    ("arms: {'../x': {}}\n", r"arms.../x: an arm's name may only use"),
+])
+def test_arm_errors_name_file_and_key(tmp_path, body, needle):
+    with pytest.raises(UserError, match=needle):
+        load(tmp_path, body)
+
+
+def test_the_claims_sweeps_expand(tmp_path):
+    from orchestrator.sweeping.spec import load_sweep
+    from tests.unit.test_sweep_config import ROOT
+
+    c2i = load_sweep(ROOT / "sweeps/claims/c2i.yaml", cwd=tmp_path)
+    assert len(c2i.students) == 3 and len(c2i.trials) == 15
+    assert {t.overrides["arm"] for t in c2i.trials} == {"dimo_only", "soft_gan", "gumbel_st", "mask_0", "mask_095"}
+    assert all(t.config["train"]["steps"] == s.config["train"]["steps"] == 1500
+               for t in c2i.trials for s in c2i.students)
+    t2i = load_sweep(ROOT / "sweeps/claims/t2i.yaml", cwd=tmp_path)
+    assert len(t2i.students) == 3 and [t.overrides["arm"] for t in t2i.trials][::3] == ["dimo_only", "reward"]
+    assert all(s.config["reward"]["weight"] == 0 for s in t2i.students)
