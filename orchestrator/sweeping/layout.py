@@ -153,6 +153,14 @@ class TrialScaling:
     gpus_per_worker: float
     threads_per_worker: int
 
+    @property
+    def backend(self) -> str:
+        """The ranks' torch.distributed backend: NCCL when every rank has a GPU of its own, gloo on
+        the CPU and when ranks may share a GPU (a fraction each), which NCCL refuses."""
+        if self.use_gpu and (self.num_workers == 1 or self.gpus_per_worker >= 1):
+            return "nccl"
+        return "gloo"
+
 
 @dataclass(frozen=True)
 class EvalPlan:

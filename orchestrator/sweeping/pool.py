@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class EvaluatorActor:
     """One resident evaluator (scorer networks loaded once)."""
 
-    def __init__(self, settings, threads: int):
+    def __init__(self, settings, threads: int, use_gpu: bool):
         import torch
 
         from evaluators.suite import Evaluator
@@ -32,7 +32,9 @@ class EvaluatorActor:
 
         set_offline_env()
         torch.set_num_threads(max(1, threads))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # the GPU Ray assigned (a fraction: several actors share it); none asked, none touched,
+        # so an actor without a GPU share never crowds the trials' devices
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.evaluator = Evaluator(settings, device=device)
 
     def evaluate(self, checkpoint: str) -> dict:
@@ -74,7 +76,7 @@ class EvaluatorPool:
     def _new_actor(self):
         return EvaluatorActor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                                       scheduling_strategy="DEFAULT").remote(
-            self.settings, max(1, int(self.num_cpus)))
+            self.settings, max(1, int(self.num_cpus)), self.num_gpus > 0)
 
     def submit(self, job: EvalJob) -> None:
         """Queue a checkpoint; one already queued, running or done is not evaluated again."""

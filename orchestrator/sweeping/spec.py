@@ -23,7 +23,7 @@ from evaluators.suite import METRICS, TEST_TIME_METRICS
 from orchestrator.config import (UserError, assign, check_files, key_problem, load_yaml, merge_checked,
                                  parse_value, split_override, to_dict, validated)
 from softdimo.teachers import TeacherFilesMissing
-from orchestrator.sweeping.layout import SweepLayout
+from orchestrator.sweeping.layout import SweepLayout, TrialScaling
 from orchestrator.sweeping.schema import SweepFile, SweepSpec, Trial
 from trainers.config import Config, ConfigValueError, check_test_time, check_values
 
@@ -101,6 +101,7 @@ def format_dry_run(spec: SweepSpec) -> str:
     per_worker = ("CPU from the cluster's cores" if f.scaling.cpus_per_worker is None
                   else f"{f.scaling.cpus_per_worker:g} CPU") + (
         f" + {f.scaling.gpus_per_worker:g} GPU" if f.scaling.use_gpu else "")
+    backend = TrialScaling(workers, f.scaling.use_gpu, 0.0, f.scaling.gpus_per_worker, 1).backend
     sched = f.scheduler
     scheduler = sched.type if sched.type == "fifo" else (
         f"asha (grace_period={sched.grace_period}, max_t={sched.max_t} images, "
@@ -120,7 +121,7 @@ def format_dry_run(spec: SweepSpec) -> str:
         f"  metric:      {f.metric} ({f.mode})",
         f"  scheduler:   {scheduler}",
         f"  concurrency: {f.max_concurrent_trials or 'from cluster resources'}",
-        f"  scaling:     {workers} worker(s) on {device}, {per_worker} per worker, "
+        f"  scaling:     {workers} worker(s) on {device} ({backend}), {per_worker} per worker, "
         f"max_failures {f.failure.max_failures}",
         f"  global batch: {batch} (train.batch_size x {workers} worker(s))",
         f"  evaluation:  {evaluation}",
@@ -169,6 +170,14 @@ def _produced(name: str, metrics: Sequence[str], test_time: bool = False) -> boo
     return head in metrics or any(name in EVAL_OUTPUTS.get(m, ()) for m in metrics)
 
 
+_QUANTITY = "Ray takes a fraction of one GPU (0.25) or a whole number of GPUs (2), not both"
+
+
+def _ray_quantity(amount: float) -> bool:
+    """Ray refuses 1.5 GPUs: a fraction shares one device, more than one must be whole devices."""
+    return amount <= 1 or float(amount).is_integer()
+
+
 def _check_file(f: SweepFile, source: str) -> None:
     """Range and consistency checks the type system cannot express; the first one found is raised."""
     sched, evaluation = f.scheduler, f.evaluation
@@ -190,6 +199,7 @@ def _check_file(f: SweepFile, source: str) -> None:
          f"must be > 0, got {f.scaling.cpus_per_worker}"),
         ("scaling.gpus_per_worker", not f.scaling.use_gpu or f.scaling.gpus_per_worker > 0,
          f"must be > 0 with use_gpu, got {f.scaling.gpus_per_worker}"),
+        ("scaling.gpus_per_worker", _ray_quantity(f.scaling.gpus_per_worker), _QUANTITY),
         ("failure.max_failures", f.failure.max_failures >= 0,
          f"must be >= 0, got {f.failure.max_failures}"),
         ("tracking.experiment", f.tracking.experiment.strip(), "must name an MLflow experiment"),
@@ -210,6 +220,7 @@ def _check_file(f: SweepFile, source: str) -> None:
          f"must be > 0, got {evaluation.cpus_per_actor}"),
         ("evaluation.gpus_per_actor", evaluation.gpus_per_actor >= 0,
          f"must be >= 0, got {evaluation.gpus_per_actor}"),
+        ("evaluation.gpus_per_actor", _ray_quantity(evaluation.gpus_per_actor), _QUANTITY),
         ("metric", eval_metric is None or (_produced(eval_metric, evaluation.metrics, tts)
                                            and evaluation.num_images),
          f"{f.metric} is never computed: needs {eval_metric.split('/')[0] if eval_metric else ''} in "

@@ -2,9 +2,10 @@
 
 ``train_driver`` is the Tune function trainable (Train V2 cannot be handed to a Tuner directly). It
 finds or creates the trial's MLflow child run, runs ``train_worker`` on ``scaling.num_workers`` ranks
-(gloo on CPU, NCCL on GPU), and turns the outcome into one final Tune result. It is idempotent: a
-trial whose ``result.json`` exists is reported again and not rerun, and the Train run has a
-deterministic name under the sweep folder, so a restarted trial resumes from its last checkpoint.
+(``TrialScaling.backend``: NCCL when each rank has a GPU of its own, else gloo), and turns the
+outcome into one final Tune result. It is idempotent: a trial whose ``result.json`` exists is
+reported again and not rerun, and the Train run has a deterministic name under the sweep folder, so
+a restarted trial resumes from its last checkpoint.
 
 ``train_worker`` runs ``trainers.loop.train`` unchanged on every rank. Rank 0 alone logs to MLflow
 (through ``orchestrator.tracking.Tracker``, which spools while MLflow is unreachable) and uploads
@@ -181,7 +182,7 @@ def _trainer(trial: TrialSpec, sweep: SweepContext, run_id: str) -> TorchTrainer
         train_worker,
         train_loop_config={"sweep": sweep, "key": trial.key, "config": trial.config,
                            "run_id": run_id},
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=scaling.backend),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers,
                                                use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),

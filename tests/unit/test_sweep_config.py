@@ -246,6 +246,9 @@ ERRORS = [  # (sweep file body after name/preset, overrides, what the message mu
     ("max_concurrent_trials: 0\n", [], "max_concurrent_trials: must be >= 1"),
     ("scaling: {num_workers: 0}\n", [], "scaling.num_workers: must be >= 1"),
     ("scaling: {cpus_per_worker: 0}\n", [], "scaling.cpus_per_worker: must be > 0"),
+    ("scaling: {use_gpu: true, gpus_per_worker: 1.5}\n", [], "scaling.gpus_per_worker: Ray takes a fraction"),
+    ("scaling: {use_gpu: true, gpus_per_worker: 0.25}\n", [], None),
+    ("evaluation: {gpus_per_actor: 2.5}\n", [], "evaluation.gpus_per_actor: Ray takes a fraction"),
     ("failure: {max_failures: -1}\n", [], "failure.max_failures: must be >= 0"),
     ("mode: minimum\n", [], "mode: 'minimum' is not one of min, max"),
     ("evaluation: {metrics: [world_fid, fidd]}\n", [], "evaluation.metrics"),
@@ -333,6 +336,66 @@ def test_plan_resources_shares_the_cores_out_and_leaves_room_for_the_evaluator_p
     assert plan_resources(gpu, {"CPU": 64.0, "GPU": 8.0})[0] == 3
     with pytest.raises(UserError, match="scaling: one trial needs"):
         plan_resources(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+def _gpu_sweep(tmp_path, *overrides):
+    return load_sweep(ROOT / "sweeps" / "gan_mask.yaml", ["sweep.scaling.use_gpu=true", *overrides],
+                      cwd=tmp_path)      # 3 trials, a one-actor evaluator pool
+
+
+def test_plan_resources_puts_several_fractional_gpu_trials_on_one_gpu(tmp_path):
+    from orchestrator.sweep import plan_resources
+
+    quarter = _gpu_sweep(tmp_path, "sweep.scaling.gpus_per_worker=0.25",
+                         "sweep.num_samples=2")                        # 6 trials
+    # one GPU, the pool on CPU: four quarter-GPU trials at once (not 1.0 // 0.25 rounding down)
+    assert plan_resources(quarter, {"CPU": 16.0, "GPU": 1.0}) == (4, 3.86, 4)
+    assert plan_resources(quarter, {"CPU": 16.0, "GPU": 2.0})[0] == 6   # every trial
+    # the pool on a quarter of the GPU: three trials beside it
+    quarter.file.evaluation.gpus_per_actor = 0.25
+    assert plan_resources(quarter, {"CPU": 16.0, "GPU": 1.0})[0] == 3
+    # tenths: 1.0 // 0.1 is 9 in floats, Ray fits 10 (it counts in 1/10,000ths); 0.1 left for the pool
+    tenth = _gpu_sweep(tmp_path, "sweep.scaling.gpus_per_worker=0.1", "sweep.num_samples=5",
+                       "sweep.evaluation.gpus_per_actor=0.1")          # 15 trials
+    assert plan_resources(tenth, {"CPU": 32.0, "GPU": 1.0})[0] == 9
+    tenth.file.evaluation.gpus_per_actor = 0.0
+    assert plan_resources(tenth, {"CPU": 32.0, "GPU": 1.0})[0] == 10
+    # explicit CPUs: the GPU is what limits
+    quarter.file.scaling.cpus_per_worker = 2.0
+    quarter.file.evaluation.gpus_per_actor = 0.0
+    assert plan_resources(quarter, {"CPU": 64.0, "GPU": 1.0}) == (4, 2.0, 2)
+    # two workers per trial at half a GPU each: one trial per GPU
+    halves = _gpu_sweep(tmp_path, "sweep.scaling.num_workers=2", "sweep.scaling.gpus_per_worker=0.5")
+    assert plan_resources(halves, {"CPU": 16.0, "GPU": 2.0})[0] == 2
+
+
+def test_plan_resources_refuses_a_cluster_without_the_gpus_asked_for(tmp_path):
+    from orchestrator.sweep import plan_resources
+
+    spec = _gpu_sweep(tmp_path, "sweep.scaling.gpus_per_worker=0.5")
+    with pytest.raises(UserError, match=r"scaling: one trial needs .*'GPU': 0.5"):
+        plan_resources(spec, {"CPU": 16.0})                             # a CPU-only cluster
+    # a CPU sweep whose evaluator pool asks for a GPU the cluster lacks: its actor would wait forever
+    cpu = load_sweep(ROOT / "sweeps" / "gan_mask.yaml", ["sweep.evaluation.gpus_per_actor=0.5"],
+                     cwd=tmp_path)
+    with pytest.raises(UserError, match=r"evaluator pool 1 x \(CPU 0.5, GPU 0.5\)"):
+        plan_resources(cpu, {"CPU": 16.0})
+    assert plan_resources(cpu, {"CPU": 16.0, "GPU": 1.0})[0] == 3
+
+
+@pytest.mark.parametrize("workers, use_gpu, gpus, backend", [
+    (1, False, 1.0, "gloo"), (2, False, 1.0, "gloo"),
+    (1, True, 0.25, "nccl"),          # one rank: NCCL on its share of the GPU
+    (2, True, 1.0, "nccl"), (4, True, 2.0, "nccl"),
+    (2, True, 0.5, "gloo"),           # two ranks may share one GPU, which NCCL refuses
+])
+def test_multi_gpu_trials_use_nccl_and_shared_gpus_gloo(tmp_path, workers, use_gpu, gpus, backend):
+    from orchestrator.sweeping.layout import TrialScaling
+
+    assert TrialScaling(workers, use_gpu, 1.0, gpus, 1).backend == backend
+    spec = load(tmp_path, f"scaling: {{num_workers: {workers}, use_gpu: {str(use_gpu).lower()}, "
+                          f"gpus_per_worker: {gpus}}}\n")
+    assert f"worker(s) on {'gpu' if use_gpu else 'cpu'} ({backend})" in format_dry_run(spec)
 
 
 def test_results_table_shows_the_evaluation_noise_and_says_whether_trials_differ():
