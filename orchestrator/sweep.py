@@ -18,6 +18,9 @@ Nothing in the sweep folder is unpickled: resuming deletes Tune's own state (tun
 a new Tuner over the same trials; a finished trial is recognised by its result.json, an unfinished
 one continues from its newest checkpoint that verifies. ASHA's rungs are not kept across a resume.
 One driver per sweep: a second one on the same folder stops with one line (<output_dir>/.<name>.lock).
+``output_dir: s3://bucket/prefix`` keeps all of it in object storage (orchestrator.sweeping.storage):
+Tune and Train write there through pyarrow, each node works in a scratch folder and pushes its
+files; the lock then guards the driver's machine only (S3 has no lock to hold).
 Inside ``ray job submit`` (or with --address) the sweep attaches to that cluster.
 """
 from __future__ import annotations
@@ -92,7 +95,8 @@ def _lock(spec: SweepSpec) -> Path:
     """Hold <output_dir>/.<name>.lock while this driver runs (orchestrator.locks)."""
     from orchestrator import locks
 
-    root = locks.writable_dir(Path(spec.file.output_dir), f"{spec.source}: output_dir")
+    # an s3:// output_dir: the driver's working folder (two drivers on one machine still collide)
+    root = locks.writable_dir(spec.storage.local, f"{spec.source}: output_dir")
     lock = SweepLayout.lock_file(root, spec.file.name)
     locks.acquire(lock, f"{spec.source}: sweep {spec.file.name}")
     return lock
@@ -107,10 +111,12 @@ def _remove(path: Path) -> None:
 
 
 def _check_folder(spec: SweepSpec, args) -> None:
-    layout = spec.layout
+    layout, storage = spec.layout, spec.storage
     state = layout.state
+    if storage.remote and not args.resume:
+        _remove(spec.sweep_dir)           # scratch left by an earlier run on this machine
     if args.resume:
-        if not state.is_file():
+        if not storage.pull(state) or not state.is_file():
             raise UserError(f"{spec.source}: --resume: no earlier sweep in {spec.sweep_dir}")
         try:
             before = json.loads(state.read_text())["trials"]
@@ -122,14 +128,17 @@ def _check_folder(spec: SweepSpec, args) -> None:
         if before != [t["config"] for t in now]:
             raise UserError(f"{spec.source}: --resume: the trials differ from those of the sweep in "
                             f"{spec.sweep_dir}; resume with the same file and overrides, or --overwrite")
-    elif spec.sweep_dir.exists() or spec.sweep_dir.is_symlink():
+    elif storage.exists(spec.sweep_dir):
+        where = storage.location(spec.sweep_dir)
         if not args.overwrite:
-            raise UserError(f"{spec.source}: name: {spec.sweep_dir} already exists; use --resume "
+            raise UserError(f"{spec.source}: name: {where} already exists; use --resume "
                             "to continue it, --overwrite to start again, or another name")
-        if spec.sweep_dir.is_symlink() or not layout.marker.is_file():
-            raise UserError(f"{spec.source}: --overwrite: {spec.sweep_dir} was not made by a sweep "
+        if spec.sweep_dir.is_symlink() or not storage.exists(layout.marker) or not (
+                storage.remote or layout.marker.is_file()):
+            raise UserError(f"{spec.source}: --overwrite: {where} was not made by a sweep "
                             f"(no {layout.MARKER} file in it) and is left alone; use another name")
-        shutil.rmtree(spec.sweep_dir)
+        storage.delete(spec.sweep_dir)
+        _remove(spec.sweep_dir)
 
 
 def _table(rows: list[dict]) -> str:
@@ -171,17 +180,24 @@ def _start_tracking(spec: SweepSpec):
     """-> (uri for trials, uri to read the store later, experiment id, parent id, server or None)."""
     from orchestrator import tracking
 
-    t = spec.file.tracking
+    t, storage = spec.file.tracking, spec.storage
     server = None
     artifact_location = None
     if t.uri:
         uri = read_uri = t.uri
     else:
-        store = tracking.default_store(Path(spec.file.output_dir)).resolve()
-        server = tracking.LocalServer.start(store)
+        store = tracking.default_store(storage.local).resolve()
+        if storage.remote:
+            # runs in the driver's SQLite (fetched from the bucket when this machine has none, so a
+            # resume elsewhere adds no duplicate runs); artifacts through the server to the bucket
+            storage.pull(store / "mlflow.db")
+            server = tracking.LocalServer.start(store, artifacts=storage.location(store / "artifacts"),
+                                                env=storage.env())
+        else:
+            server = tracking.LocalServer.start(store)
+            artifact_location = str(store / "artifacts")
         uri = server.uri
         read_uri = tracking.sqlite_uri(store)
-        artifact_location = str(store / "artifacts")
     experiment_id = tracking.ensure_experiment(uri, t.experiment, artifact_location)
     parent_id = tracking.get_or_create_parent(
         uri, experiment_id, spec.file.name,
@@ -283,7 +299,8 @@ def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=sc.gpus_per_worker,
                              threads_per_worker=threads_per_worker),
         evaluation=EvalPlan(settings=eval_settings(ev), every_images=ev.every_images, actors=ev.actors,
-                            cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor))
+                            cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor),
+        storage=spec.storage)
 
 
 def run_sweep(spec: SweepSpec, args) -> int:
@@ -297,9 +314,10 @@ def run_sweep(spec: SweepSpec, args) -> int:
     from orchestrator.sweeping.trial import train_driver
 
     progress = not args.quiet
-    layout = spec.layout
+    layout, storage = spec.layout, spec.storage
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.marker.touch()
+    storage.push(layout.marker)
     uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec)
     if server is not None:
         layout.server.write_text(json.dumps(
@@ -309,6 +327,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
         state = spec.to_json()
         state["tracking_uri"] = read_uri
         layout.state.write_text(json.dumps(state, indent=2))
+        storage.push(layout.state)
         parent = tracking.Tracker(uri, parent_id, layout.parent_spool)
         parent.log_text(json.dumps(state, indent=2), layout.STATE)
         address = args.address or os.environ.get("RAY_ADDRESS")
@@ -327,12 +346,14 @@ def run_sweep(spec: SweepSpec, args) -> int:
         if progress:
             print(f"{spec.file.name}: up to {concurrent} trial(s) at once, each worker "
                   f"{per_worker:g} CPU and {threads} thread(s)", flush=True)
+        _pull_trials(sweep_ctx)          # a resumed sweep's trial files, from wherever they ran
         pool = start_pool(sweep_ctx)
         trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
                                         {"CPU": DRIVER_CPU})
         tune_dir = layout.tune
         run_config = tune.RunConfig(
-            name=layout.TUNE, storage_path=str(layout.root),
+            name=layout.TUNE, storage_path=storage.ray_path(layout.root),
+            storage_filesystem=storage.filesystem(),
             failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
             progress_reporter=_reporter(spec), verbose=1 if progress else 0,
             callbacks=[EvalDispatch(spec.file.name), OrphanGroupCleaner()])
@@ -341,6 +362,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
         # trial: train_driver reports a finished trial's result.json again, and an unfinished one
         # resumes from its own verified checkpoint (Train's JSON snapshot under train/<key>/).
         _remove(tune_dir)
+        storage.delete(tune_dir)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([t.spec().to_json() for t in spec.trials])},
@@ -351,6 +373,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
                 trial_dirname_creator=lambda t: t.config["trial"]["key"]),
             run_config=run_config)
         grid = tuner.fit()
+        _pull_trials(sweep_ctx)
         eval_failures = finish_pool(pool, sweep_ctx, progress)
         rows = []
         for result in grid:
@@ -369,7 +392,9 @@ def run_sweep(spec: SweepSpec, args) -> int:
                 print(f"{r['key']}: {r['error']}", file=sys.stderr)
         _replay_spools(spec, uri, parent_id, sweep_ctx)
         _close_stopped(rows, uri, parent_id)
-        parent.log_text(table + "\n", "results.txt")
+        layout.results.write_text(table + "\n")
+        storage.push(layout.results)
+        parent.log_text(table + "\n", layout.RESULTS)
         # a trial that finished without the sweep's metric (its evaluation failed) fails the sweep
         missing = [r["key"] for r in rows if r["status"] == "DONE" and spec.file.metric not in r["metrics"]]
         for key in missing:
@@ -381,13 +406,22 @@ def run_sweep(spec: SweepSpec, args) -> int:
         if server is not None:
             server.stop()
             layout.server.unlink(missing_ok=True)
+            storage.push(server.store / "mlflow.db")     # the runs beside their artifacts
     if server is not None:
         print(f"\nMLflow store: {read_uri}\nto compare the runs: {tracking.ui_command(server.store)}"
               "\n  then open http://127.0.0.1:5000")
     else:
         print(f"\nMLflow: {uri} (experiment {spec.file.tracking.experiment!r}, run sweep:{spec.file.name})")
-    print(f"sweep folder: {spec.sweep_dir}")
+    print(f"sweep folder: {storage.location(spec.sweep_dir)}")
     return 1 if failed else 0
+
+
+def _pull_trials(sweep_ctx) -> None:
+    """Bring every trial's own files (not its snapshots) into the driver's working folder."""
+    storage, layout = sweep_ctx.storage, sweep_ctx.layout
+    for key, is_dir in storage.entries(layout.trials) if storage.remote else []:
+        if is_dir:
+            storage.pull_files(layout.trial(key).root)
 
 
 def _replay_spools(spec: SweepSpec, uri: str, parent_id: str, sweep_ctx) -> None:

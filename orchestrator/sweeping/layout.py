@@ -7,6 +7,7 @@
     <output_dir>/<name>/                    SweepLayout.root
         .softdimo-sweep                     marker: --overwrite deletes only folders holding it
         sweep.json                          the expanded trials, the tracking URI to read them back
+        results.txt                         the final table, as printed
         mlflow_server.json                  the sweep's own MLflow server while it runs
         parent_spool.jsonl                  the parent run's records while MLflow is away
         tune/                               Tune's state (deleted unread on --resume)
@@ -14,6 +15,10 @@
         trials/<key>/                       TrialLayout.root (the trial's training output_dir)
             result.json  final.json  failure.json  attempts.jsonl
             spool.jsonl  eval_spool.jsonl   eval.jsonl  eval/step_XXXXXXXX/
+
+With an ``s3://`` output_dir these paths are each node's working folder and the same names are
+the object keys under ``s3://bucket/prefix/<name>/`` (``orchestrator.sweeping.storage``); the lock
+and mlflow_server.json stay on the driver's disk.
 
 ``SweepContext`` (with ``TrialScaling`` and ``EvalPlan``) is what the driver hands every trial and
 the evaluator pool; frozen, so no trial can change what the others see. ``TrialSpec`` is one trial.
@@ -25,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from orchestrator.sweeping.storage import Storage
 
 if TYPE_CHECKING:    # report and evaluate read layouts without loading torch
     from evaluators.suite import EvalSettings
@@ -93,6 +100,7 @@ class SweepLayout:
     STATE = "sweep.json"                # the expanded trials and the tracking URI
     SERVER = "mlflow_server.json"       # the running sweep's MLflow server (address, watchdog pid)
     PARENT_SPOOL = "parent_spool.jsonl"
+    RESULTS = "results.txt"             # the final table (also the parent run's artifact)
     TRIALS, TRAIN, TUNE = "trials", "train", "tune"
 
     @classmethod
@@ -119,6 +127,10 @@ class SweepLayout:
     @property
     def server(self) -> Path:
         return self.root / self.SERVER
+
+    @property
+    def results(self) -> Path:
+        return self.root / self.RESULTS
 
     @property
     def parent_spool(self) -> Path:
@@ -187,6 +199,7 @@ class SweepContext:
     scaling: TrialScaling
     max_failures: int
     evaluation: EvalPlan
+    storage: Storage
 
     def trial(self, key: str) -> TrialLayout:
         return self.layout.trial(key)

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from evaluators.suite import EvalSettings
 from orchestrator.sweeping.layout import SweepLayout, TrialSpec
+from orchestrator.sweeping.storage import Storage
 from trainers.config import TestTime
 
 
@@ -40,6 +41,15 @@ class FailureSection:
 class TrackingSection:
     uri: Optional[str] = None            # None: start a local MLflow server under output_dir/mlflow
     experiment: str = "softdimo"
+
+
+@dataclass
+class StorageSection:
+    """For an ``s3://bucket/prefix`` output_dir (orchestrator.sweeping.storage). Credentials are
+    not keys here: they come from each node's environment (the file is copied into sweep.json)."""
+    endpoint_url: Optional[str] = None   # None: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS
+    region: Optional[str] = None         # None: $AWS_DEFAULT_REGION, $AWS_REGION
+    scratch_dir: Optional[str] = None    # each node's working folder; None: <tmp>/softdimo-scratch
 
 
 _EVAL = EvalSettings()      # the evaluation defaults live in evaluators.suite.EvalSettings alone
@@ -107,7 +117,13 @@ class SweepFile:
     failure: FailureSection = field(default_factory=FailureSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
-    output_dir: str = "runs/sweeps"
+    output_dir: str = "runs/sweeps"      # a folder (local or shared), or s3://bucket/prefix
+    storage: StorageSection = field(default_factory=StorageSection)
+
+
+def storage_of(file: SweepFile) -> Storage:
+    s = file.storage
+    return Storage.of(file.output_dir, s.endpoint_url, s.region, s.scratch_dir)
 
 
 @dataclass
@@ -130,8 +146,12 @@ class SweepSpec:
     trials: List[Trial]
 
     @property
+    def storage(self) -> Storage:
+        return storage_of(self.file)
+
+    @property
     def layout(self) -> SweepLayout:
-        return SweepLayout.of(self.file.output_dir, self.file.name)
+        return SweepLayout.of(self.storage.local, self.file.name)
 
     @property
     def sweep_dir(self) -> Path:

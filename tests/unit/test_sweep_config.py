@@ -246,6 +246,10 @@ ERRORS = [  # (sweep file body after name/preset, overrides, what the message mu
     ("max_concurrent_trials: 0\n", [], "max_concurrent_trials: must be >= 1"),
     ("scaling: {num_workers: 0}\n", [], "scaling.num_workers: must be >= 1"),
     ("scaling: {cpus_per_worker: 0}\n", [], "scaling.cpus_per_worker: must be > 0"),
+    ("output_dir: gs://bucket/x\n", [], "output_dir: 'gs://bucket/x': a folder or s3://bucket/prefix"),
+    ("output_dir: s3://\n", [], "output_dir: 's3://' names no bucket"),
+    ("output_dir: s3://bucket/x\nstorage: {aws_secret_access_key: k}\n", [], "storage.aws_secret_access_key"),
+    ("output_dir: s3://bucket/x\nstorage: {endpoint_url: 'http://127.0.0.1:9000'}\n", [], None),
     ("scaling: {use_gpu: true, gpus_per_worker: 1.5}\n", [], "scaling.gpus_per_worker: Ray takes a fraction"),
     ("scaling: {use_gpu: true, gpus_per_worker: 0.25}\n", [], None),
     ("evaluation: {gpus_per_actor: 2.5}\n", [], "evaluation.gpus_per_actor: Ray takes a fraction"),
@@ -336,6 +340,22 @@ def test_plan_resources_shares_the_cores_out_and_leaves_room_for_the_evaluator_p
     assert plan_resources(gpu, {"CPU": 64.0, "GPU": 8.0})[0] == 3
     with pytest.raises(UserError, match="scaling: one trial needs"):
         plan_resources(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+def test_an_s3_output_dir_works_in_a_scratch_folder_named_after_the_bucket(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    spec = load(tmp_path, "output_dir: s3://bkt/some/prefix/\nstorage: {scratch_dir: scratch}\n")
+    storage = spec.storage
+    assert storage.uri == "s3://bkt/some/prefix" and storage.remote
+    assert (storage.endpoint_url, storage.region) == ("http://127.0.0.1:9000", "eu-west-1")
+    assert spec.sweep_dir == tmp_path / "scratch/bkt/some/prefix/s"      # each node's working folder
+    assert spec.trials[0].config["output_dir"] == str(spec.sweep_dir / "trials/t000")
+    assert storage.location(spec.layout.trial("t000").result) == "s3://bkt/some/prefix/s/trials/t000/result.json"
+    assert storage.ray_path(spec.layout.train) == "bkt/some/prefix/s/train"   # Ray's, with its filesystem
+    assert "output:      s3://bkt/some/prefix/s (working folder" in format_dry_run(spec)
+    local = load(tmp_path, "output_dir: out\n").storage                  # a folder: no storage layer
+    assert not local.remote and local.local == tmp_path / "out" and local.filesystem() is None
 
 
 def _gpu_sweep(tmp_path, *overrides):
