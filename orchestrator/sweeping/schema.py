@@ -28,7 +28,7 @@ class SchedulerSection:
 class ScalingSection:
     num_workers: int = 1                 # DDP ranks per trial; train.batch_size is per worker
     use_gpu: bool = False
-    cpus_per_worker: Optional[float] = None   # None: share the cluster's cores out (sweep.plan_resources)
+    cpus_per_worker: Optional[float] = None   # None: share the cluster's cores out (orchestrator.sweeping.resources)
     gpus_per_worker: float = 1.0
 
 
