@@ -118,7 +118,8 @@ def _check_folder(spec: SweepSpec, args) -> None:
         _remove(spec.sweep_dir)           # scratch left by an earlier run on this machine
     if args.resume:
         if not storage.pull(state) or not state.is_file():
-            raise UserError(f"{spec.source}: --resume: no earlier sweep in {spec.sweep_dir}")
+            raise UserError(f"{spec.source}: --resume: no earlier sweep in "
+                            f"{storage.location(spec.sweep_dir)}")
         try:
             before = json.loads(state.read_text())["trials"]
             before = [t["config"] for t in before]
@@ -134,8 +135,8 @@ def _check_folder(spec: SweepSpec, args) -> None:
         if not args.overwrite:
             raise UserError(f"{spec.source}: name: {where} already exists; use --resume "
                             "to continue it, --overwrite to start again, or another name")
-        if spec.sweep_dir.is_symlink() or not storage.exists(layout.marker) or not (
-                storage.remote or layout.marker.is_file()):
+        made_by_a_sweep = storage.exists(layout.marker) if storage.remote else layout.marker.is_file()
+        if spec.sweep_dir.is_symlink() or not made_by_a_sweep:
             raise UserError(f"{spec.source}: --overwrite: {where} was not made by a sweep "
                             f"(no {layout.MARKER} file in it) and is left alone; use another name")
         storage.delete(spec.sweep_dir)

@@ -138,3 +138,32 @@ def test_sweep_on_s3_resumes_after_a_killed_driver_and_every_file_lands_in_the_b
     runs = mlflow_children(uri, "k")
     assert [r.data.tags["softdimo.trial"] for r in runs] == ["t000", "t001"]     # no duplicates
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_an_s3_sweep_folder_is_refused_or_overwritten_by_what_the_bucket_holds(tmp_path, s3):
+    """The checks before any work read the bucket, not the driver's scratch folder: an existing
+    sweep is refused without --overwrite, a prefix without the marker is left alone, --overwrite
+    deletes a sweep's objects, --resume needs a sweep.json in the bucket."""
+    from argparse import Namespace
+
+    from orchestrator import sweep
+    from orchestrator.config import UserError
+    from orchestrator.sweeping.spec import load_sweep
+
+    path = one_trial_sweep(tmp_path / "s.yaml", "s", {"seed": {"grid": [0]}})
+    spec = load_sweep(path, [f"sweep.output_dir=s3://{BUCKET}/{PREFIX}",
+                             f"sweep.storage.scratch_dir={tmp_path / 'scratch'}"], cwd=tmp_path)
+    fresh, again, resume = (Namespace(resume=False, overwrite=False), Namespace(resume=False, overwrite=True),
+                            Namespace(resume=True, overwrite=False))
+    with pytest.raises(UserError, match=rf"--resume: no earlier sweep in s3://{BUCKET}/{PREFIX}/s$"):
+        sweep._check_folder(spec, resume)
+    sweep._check_folder(spec, fresh)                                  # nothing there: go
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/s/notes.txt", Body=b"someone else's")
+    with pytest.raises(UserError, match=rf"name: s3://{BUCKET}/{PREFIX}/s already exists"):
+        sweep._check_folder(spec, fresh)
+    with pytest.raises(UserError, match="was not made by a sweep"):
+        sweep._check_folder(spec, again)
+    assert f"{PREFIX}/s/notes.txt" in keys(s3)                          # left alone
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/s/.softdimo-sweep", Body=b"")
+    sweep._check_folder(spec, again)
+    assert not keys(s3, f"{PREFIX}/s/")                                  # a sweep's: deleted
