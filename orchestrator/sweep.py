@@ -22,13 +22,15 @@ Nothing in the sweep folder is unpickled: resuming deletes Tune's own state (tun
 a new Tuner over the same trials; a finished trial is recognised by its result.json, an unfinished
 one continues from its newest checkpoint that verifies. ASHA's rungs are not kept across a resume.
 One driver per sweep: a second one on the same folder stops with one line (<output_dir>/.<name>.lock).
+``output_dir: s3://bucket/prefix`` keeps all of it in object storage (orchestrator.sweeping.storage):
+Tune and Train write there through pyarrow, each node works in a scratch folder and pushes its
+files; the lock then guards the driver's machine only (S3 has no lock to hold).
 Inside ``ray job submit`` (or with --address) the sweep attaches to that cluster.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -37,9 +39,10 @@ from typing import Sequence
 
 from orchestrator.config import UserError, run_cli
 from orchestrator.sweeping.layout import SweepLayout
+from orchestrator.sweeping.resources import plan_resources
 from orchestrator.sweeping.spec import SweepSpec, check_eval_weights, format_dry_run, load_sweep
 from orchestrator.sweeping.schema import eval_settings
-from orchestrator.sweeping.stages import DRIVER_CPU, run_stage, table as results_table
+from orchestrator.sweeping.stages import pull_trials, remove, run_stage, table as results_table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,18 +70,22 @@ def _lock(spec: SweepSpec) -> Path:
     """Hold <output_dir>/.<name>.lock while this driver runs (orchestrator.locks)."""
     from orchestrator import locks
 
-    root = locks.writable_dir(Path(spec.file.output_dir), f"{spec.source}: output_dir")
+    # an s3:// output_dir: the driver's working folder (two drivers on one machine still collide)
+    root = locks.writable_dir(spec.storage.local, f"{spec.source}: output_dir")
     lock = SweepLayout.lock_file(root, spec.file.name)
     locks.acquire(lock, f"{spec.source}: sweep {spec.file.name}")
     return lock
 
 
 def _check_folder(spec: SweepSpec, args) -> None:
-    layout = spec.layout
+    layout, storage = spec.layout, spec.storage
     state = layout.state
+    if storage.remote and not args.resume:
+        remove(spec.sweep_dir)           # scratch left by an earlier run on this machine
     if args.resume:
-        if not state.is_file():
-            raise UserError(f"{spec.source}: --resume: no earlier sweep in {spec.sweep_dir}")
+        if not storage.pull(state) or not state.is_file():
+            raise UserError(f"{spec.source}: --resume: no earlier sweep in "
+                            f"{storage.location(spec.sweep_dir)}")
         try:
             before = json.loads(state.read_text())["trials"]
             before = [t["config"] for t in before]
@@ -94,14 +101,17 @@ def _check_folder(spec: SweepSpec, args) -> None:
         if before != [t["config"] for t in now["trials"] + now["students"]]:
             raise UserError(f"{spec.source}: --resume: the trials differ from those of the sweep in "
                             f"{spec.sweep_dir}; resume with the same file and overrides, or --overwrite")
-    elif spec.sweep_dir.exists() or spec.sweep_dir.is_symlink():
+    elif storage.exists(spec.sweep_dir):
+        where = storage.location(spec.sweep_dir)
         if not args.overwrite:
-            raise UserError(f"{spec.source}: name: {spec.sweep_dir} already exists; use --resume "
+            raise UserError(f"{spec.source}: name: {where} already exists; use --resume "
                             "to continue it, --overwrite to start again, or another name")
-        if spec.sweep_dir.is_symlink() or not layout.marker.is_file():
-            raise UserError(f"{spec.source}: --overwrite: {spec.sweep_dir} was not made by a sweep "
+        made_by_a_sweep = storage.exists(layout.marker) if storage.remote else layout.marker.is_file()
+        if spec.sweep_dir.is_symlink() or not made_by_a_sweep:
+            raise UserError(f"{spec.source}: --overwrite: {where} was not made by a sweep "
                             f"(no {layout.MARKER} file in it) and is left alone; use another name")
-        shutil.rmtree(spec.sweep_dir)
+        storage.delete(spec.sweep_dir)
+        remove(spec.sweep_dir)
 
 
 def _start_tracking(spec: SweepSpec, address: str | None):
@@ -111,7 +121,7 @@ def _start_tracking(spec: SweepSpec, address: str | None):
     from orchestrator import tracking
     from orchestrator.sweeping import cluster
 
-    t = spec.file.tracking
+    t, storage = spec.file.tracking, spec.storage
     server = None
     artifact_location = None
     if t.uri:
@@ -119,80 +129,24 @@ def _start_tracking(spec: SweepSpec, address: str | None):
         uri = read_uri = t.uri
     else:
         host = cluster.tracking_host(spec.source, address)
-        store = tracking.default_store(Path(spec.file.output_dir)).resolve()
-        server = tracking.LocalServer.start(store, host=host)
+        store = tracking.default_store(storage.local).resolve()
+        if storage.remote:
+            # runs in the driver's SQLite (fetched from the bucket when this machine has none, so a
+            # resume elsewhere adds no duplicate runs); artifacts through the server to the bucket
+            storage.pull(store / "mlflow.db")
+            server = tracking.LocalServer.start(store, host=host, env=storage.env(),
+                                                artifacts=storage.location(store / "artifacts"))
+        else:
+            server = tracking.LocalServer.start(store, host=host)
+            artifact_location = str(store / "artifacts")
         uri = server.uri
         read_uri = tracking.sqlite_uri(store)
-        artifact_location = str(store / "artifacts")
     experiment_id = tracking.ensure_experiment(uri, t.experiment, artifact_location)
     parent_id = tracking.get_or_create_parent(
         uri, experiment_id, spec.file.name,
         tags={"softdimo.preset": spec.preset, "softdimo.sweep_file": str(Path(spec.source).resolve()),
               "softdimo.trials": str(len(spec.trials))})
     return uri, read_uri, experiment_id, parent_id, server
-
-
-def _concurrency(trials: int, slots: int) -> int:
-    """How many one-thread trials to run at once on ``slots`` cores.
-
-    Trials of one sweep take about the same time, so waves of ``slots`` leave cores idle in the
-    last wave (3 trials on 2 cores: the third runs alone, 2 waves of one trial's time). Up to twice
-    ``slots`` trials may share the cores when that shortens the whole: the makespan is
-    ceil(trials / k) waves of k / slots trial-times; ties go to fewer trials at once (less memory,
-    earlier results for ASHA).
-    """
-    slots = max(1, slots)
-    if trials <= slots:
-        return max(1, trials)
-    return min(range(slots, 2 * slots + 1), key=lambda k: (math.ceil(trials / k) * k, k))
-
-
-def plan_resources(spec: SweepSpec, total: dict, count: int | None = None) -> tuple[int, float, int]:
-    """(concurrent trials, logical CPUs per worker, torch threads per worker) for the cluster, for
-    ``count`` trials (default: the search's; the students' stage passes its own count).
-
-    Tune cannot see the Train workers' needs, and a trial started without room waits forever for
-    its worker group (on CPU and GPU alike), so concurrency is computed here. With
-    ``scaling.cpus_per_worker`` unset, the cores are shared out: as many one-thread trials side by
-    side as there are cores, more threads per trial when the trials are fewer than the cores, and
-    up to twice as many as cores when that avoids a last wave that leaves cores idle (three trials
-    on a 2-core laptop all run at once). The evaluator pool's logical share is taken from the
-    trials' share, not from their threads: it works in short bursts between trials' checkpoints.
-    """
-    sc, ev = spec.file.scaling, spec.file.evaluation
-    pool = ev.actors if ev.metrics and ev.num_images else 0
-    cpus = total.get("CPU", 0.0)
-    left = {"CPU": cpus - pool * ev.cpus_per_actor, "GPU": total.get("GPU", 0.0) - pool * ev.gpus_per_actor}
-    wanted = spec.file.max_concurrent_trials
-    custom = {r: sc.num_workers * v for r, v in sc.resources_per_worker.items()}
-    left.update({r: total.get(r, 0.0) for r in custom})
-    if sc.cpus_per_worker is None:
-        count = len(spec.trials) if count is None else count
-        k = _concurrency(min(count, wanted or count), int(cpus // sc.num_workers))
-        if sc.use_gpu:
-            k = max(1, min(k, int(left["GPU"] // (sc.num_workers * sc.gpus_per_worker))))
-        for r, n in custom.items():     # e.g. {node_b: 1}: no more trials than the nodes hold
-            k = max(1, min(k, int(left[r] // n)))
-        per_worker = round((left["CPU"] - k * DRIVER_CPU) / (k * sc.num_workers) - 0.005, 2)
-        threads = max(1, int(cpus // (k * sc.num_workers)))
-    else:
-        per_worker = sc.cpus_per_worker
-        threads = max(1, int(per_worker))
-    need = {"CPU": sc.num_workers * per_worker + DRIVER_CPU}
-    if sc.use_gpu:
-        need["GPU"] = sc.num_workers * sc.gpus_per_worker
-    need.update(custom)
-    fits = min(int(left[r] // need[r]) for r in need) if per_worker > 0 else 0
-    if fits < 1:
-        raise UserError(
-            f"{spec.source}: scaling: one trial needs {need} and the evaluator pool "
-            f"{pool} x (CPU {ev.cpus_per_actor}, GPU {ev.gpus_per_actor}), but the cluster has "
-            f"{ {r: total.get(r, 0.0) for r in ('CPU', 'GPU', *custom)} }; lower scaling.* or "
-            "evaluation.*_per_actor")
-    if wanted and wanted > fits:
-        print(f"max_concurrent_trials {wanted} lowered to {fits}: no more trials fit beside the "
-              "evaluator pool", file=sys.stderr)
-    return (min(wanted, fits) if wanted else fits), per_worker, threads
 
 
 def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
@@ -209,7 +163,8 @@ def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
                              threads_per_worker=threads_per_worker,
                              resources_per_worker=dict(sc.resources_per_worker)),
         evaluation=EvalPlan(settings=eval_settings(ev), every_images=ev.every_images, actors=ev.actors,
-                            cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor))
+                            cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor),
+        storage=spec.storage)
 
 
 def run_sweep(spec: SweepSpec, args) -> int:
@@ -219,7 +174,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
     from orchestrator.sweeping.evaluation import finish_pool, latest_eval, start_pool
 
     progress = not args.quiet
-    layout = spec.layout
+    layout, storage = spec.layout, spec.storage
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.marker.touch()
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -234,6 +189,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
         ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                  include_dashboard=True)   # Train's placement-group cleaner needs the State API
     # after Ray: the server's address depends on whether other nodes run trials
+    storage.push(layout.marker)
     uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec, address)
     if server is not None:
         layout.server.write_text(json.dumps(
@@ -243,6 +199,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
         state = spec.to_json()
         state["tracking_uri"] = read_uri
         layout.state.write_text(json.dumps(state, indent=2))
+        storage.push(layout.state)
         parent = tracking.Tracker(uri, parent_id, layout.parent_spool)
         parent.log_text(json.dumps(state, indent=2), layout.STATE)
         pool, rows, blocked = None, [], False
@@ -254,6 +211,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
                 print(f"{spec.file.name}: {len(trials)} {'student' if students else 'trial'}(s), up to "
                       f"{concurrent} at once, each worker {per_worker:g} CPU and {threads} thread(s)",
                       flush=True)
+            pull_trials(sweep_ctx)       # a resumed sweep's trial files, from wherever they ran
             pool = pool or start_pool(sweep_ctx)
             stage_rows = run_stage(spec, trials, sweep_ctx, concurrent, progress,
                               layout.tune_students if students else layout.tune)
@@ -276,7 +234,9 @@ def run_sweep(spec: SweepSpec, args) -> int:
                 print(f"{r['key']}: {r['error']}", file=sys.stderr)
         _replay_spools(spec, uri, parent_id, sweep_ctx)
         _close_stopped(rows, uri, parent_id)
-        parent.log_text(table + "\n", "results.txt")
+        layout.results.write_text(table + "\n")
+        storage.push(layout.results)
+        parent.log_text(table + "\n", layout.RESULTS)
         # a trial that finished without the sweep's metric (its evaluation failed) fails the sweep
         missing = [r["key"] for r in rows if r["status"] == "DONE" and spec.file.metric not in r["metrics"]]
         for key in missing:
@@ -288,12 +248,13 @@ def run_sweep(spec: SweepSpec, args) -> int:
         if server is not None:
             server.stop()
             layout.server.unlink(missing_ok=True)
+            storage.push(server.store / "mlflow.db")     # the runs beside their artifacts
     if server is not None:
         print(f"\nMLflow store: {read_uri}\nto compare the runs: {tracking.ui_command(server.store)}"
               "\n  then open http://127.0.0.1:5000")
     else:
         print(f"\nMLflow: {uri} (experiment {spec.file.tracking.experiment!r}, run sweep:{spec.file.name})")
-    print(f"sweep folder: {spec.sweep_dir}")
+    print(f"sweep folder: {storage.location(spec.sweep_dir)}")
     return 1 if failed else 0
 
 

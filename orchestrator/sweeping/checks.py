@@ -32,6 +32,14 @@ def _produced(name: str, metrics: Sequence[str], test_time: bool = False) -> boo
     return head in metrics or any(name in EVAL_OUTPUTS.get(m, ()) for m in metrics)
 
 
+_QUANTITY = "Ray takes a fraction of one GPU (0.25) or a whole number of GPUs (2), not both"
+
+
+def _ray_quantity(amount: float) -> bool:
+    """Ray refuses 1.5 GPUs: a fraction shares one device, more than one must be whole devices."""
+    return amount <= 1 or float(amount).is_integer()
+
+
 def check_file(f: SweepFile, source: str) -> None:
     """Range and consistency checks the type system cannot express; the first one found is raised."""
     sched, evaluation = f.scheduler, f.evaluation
@@ -53,6 +61,8 @@ def check_file(f: SweepFile, source: str) -> None:
          f"must be > 0, got {f.scaling.cpus_per_worker}"),
         ("scaling.gpus_per_worker", not f.scaling.use_gpu or f.scaling.gpus_per_worker > 0,
          f"must be > 0 with use_gpu, got {f.scaling.gpus_per_worker}"),
+        ("scaling.gpus_per_worker", _ray_quantity(f.scaling.gpus_per_worker), _QUANTITY),
+        ("evaluation.gpus_per_actor", _ray_quantity(f.evaluation.gpus_per_actor), _QUANTITY),
         ("scaling.resources_per_worker",
          not {"CPU", "GPU", "memory"} & set(f.scaling.resources_per_worker)
          and all(v > 0 for v in f.scaling.resources_per_worker.values()),

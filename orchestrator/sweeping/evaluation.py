@@ -36,13 +36,14 @@ def start_pool(sweep_ctx: SweepContext) -> EvaluatorPool | None:
         files = sweep_ctx.trial(job.trial)
         with files.eval_log.open("a") as f:
             f.write(json.dumps({"step": job.step, "checkpoint": job.checkpoint, "metrics": metrics}) + "\n")
+        sweep_ctx.storage.push(files.eval_log)      # the driver is its only writer
         tracker = tracking.Tracker(sweep_ctx.tracking_uri, job.run_id, files.eval_spool)
         tracker.log_metrics(job.step, metrics)
         tracker.set_tags({"eval.last_step": str(job.step)})
         tracker.close()
 
     pool = EvaluatorPool(ev.settings, size=ev.actors, num_cpus=ev.cpus_per_actor,
-                         num_gpus=ev.gpus_per_actor, on_result=record)
+                         num_gpus=ev.gpus_per_actor, on_result=record, storage=sweep_ctx.storage)
     for key in sweep_ctx.layout.trial_keys():     # a resumed sweep: what is done stays done
         pool.seen.update(r["checkpoint"] for r in evaluated(sweep_ctx, key))
     ACTIVE[sweep_ctx.name] = pool
@@ -61,9 +62,10 @@ def finish_pool(pool: EvaluatorPool | None, sweep_ctx: SweepContext, progress: b
         if not files.result.is_file():
             continue
         run_id = json.loads(files.result.read_text())["mlflow_run_id"]
-        for snap in sorted(files.snapshots.glob("step_*")):
-            pool.submit(EvalJob(trial=key, run_id=run_id, step=int(snap.name.split("_")[1]),
-                                checkpoint=str(snap)))
+        for name, _ in sweep_ctx.storage.entries(files.snapshots):   # wherever the trial ran
+            if name.startswith("step_"):
+                pool.submit(EvalJob(trial=key, run_id=run_id, step=int(name.split("_")[1]),
+                                    checkpoint=str(files.snapshot(name))))
     if pool.pending and progress:
         print(f"waiting for {pool.pending} evaluation(s)...", file=sys.stderr, flush=True)
     pool.drain()

@@ -8,6 +8,7 @@
         .softdimo-sweep                     marker: --overwrite deletes only folders holding it
         sweep.json                          the expanded trials, the tracking URI to read them back
         teacher.json                        the teacher's references at 1 and 16 steps (claims page)
+        results.txt                         the final table, as printed
         mlflow_server.json                  the sweep's own MLflow server while it runs
         parent_spool.jsonl                  the parent run's records while MLflow is away
         tune/  tune_students/               Tune's state of each stage (deleted unread on --resume)
@@ -16,6 +17,10 @@
         trials/<key>/                       TrialLayout.root (the trial's training output_dir)
             result.json  final.json  failure.json  attempts.jsonl
             spool.jsonl  eval_spool.jsonl   eval.jsonl  eval/step_XXXXXXXX/
+
+With an ``s3://`` output_dir these paths are each node's working folder and the same names are
+the object keys under ``s3://bucket/prefix/<name>/`` (``orchestrator.sweeping.storage``); the lock
+and mlflow_server.json stay on the driver's disk.
 
 ``SweepContext`` (with ``TrialScaling`` and ``EvalPlan``) is what the driver hands every trial and
 the evaluator pool; frozen, so no trial can change what the others see. ``TrialSpec`` is one trial.
@@ -27,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from orchestrator.sweeping.storage import Storage
 
 if TYPE_CHECKING:    # report and evaluate read layouts without loading torch
     from evaluators.suite import EvalSettings
@@ -95,6 +102,7 @@ class SweepLayout:
     STATE = "sweep.json"                # the expanded trials and the tracking URI
     SERVER = "mlflow_server.json"       # the running sweep's MLflow server (address, watchdog pid)
     PARENT_SPOOL = "parent_spool.jsonl"
+    RESULTS = "results.txt"             # the final table (also the parent run's artifact)
     TRIALS, TRAIN, TUNE = "trials", "train", "tune"
     STUDENTS, TUNE_STUDENTS = "students", "tune_students"
     TEACHER = "teacher.json"            # the teacher's references for the claims page (orchestrator.claims)
@@ -124,6 +132,10 @@ class SweepLayout:
     @property
     def server(self) -> Path:
         return self.root / self.SERVER
+
+    @property
+    def results(self) -> Path:
+        return self.root / self.RESULTS
 
     @property
     def parent_spool(self) -> Path:
@@ -188,6 +200,14 @@ class TrialScaling:
     threads_per_worker: int
     resources_per_worker: dict = field(default_factory=dict)   # custom Ray resources, e.g. {node_b: 1}
 
+    @property
+    def backend(self) -> str:
+        """The ranks' torch.distributed backend: NCCL when every rank has a GPU of its own, gloo on
+        the CPU and when ranks may share a GPU (a fraction each), which NCCL refuses."""
+        if self.use_gpu and (self.num_workers == 1 or self.gpus_per_worker >= 1):
+            return "nccl"
+        return "gloo"
+
 
 @dataclass(frozen=True)
 class EvalPlan:
@@ -214,6 +234,7 @@ class SweepContext:
     scaling: TrialScaling
     max_failures: int
     evaluation: EvalPlan
+    storage: Storage
 
     def trial(self, key: str) -> TrialLayout:
         return self.layout.trial(key)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class EvaluatorActor:
     """One resident evaluator (scorer networks loaded once)."""
 
-    def __init__(self, settings, threads: int):
+    def __init__(self, settings, threads: int, use_gpu: bool, storage=None):
         import torch
 
         from evaluators.suite import Evaluator
@@ -32,11 +32,19 @@ class EvaluatorActor:
 
         set_offline_env()
         torch.set_num_threads(max(1, threads))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # the GPU Ray assigned (a fraction: several actors share it); none asked, none touched,
+        # so an actor without a GPU share never crowds the trials' devices
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.evaluator = Evaluator(settings, device=device)
+        self.storage = storage      # orchestrator.sweeping.storage.Storage; None: a local folder
 
     def evaluate(self, checkpoint: str) -> dict:
+        from pathlib import Path
+
         from trainers.checkpoint import verify_checkpoint
+
+        if self.storage is not None:     # snapshots written on another node come from storage
+            self.storage.pull(Path(checkpoint))
 
         verify_checkpoint(checkpoint, ("ema.safetensors",))   # a damaged snapshot fails its job
         return self.evaluator.evaluate(checkpoint)
@@ -60,6 +68,7 @@ class EvaluatorPool:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     on_result: Optional[Callable[[EvalJob, dict], None]] = None
+    storage: object = None            # orchestrator.sweeping.storage.Storage of the snapshots
     max_attempts: int = 3
     results: list = field(default_factory=list)       # (job, metrics)
     failures: list = field(default_factory=list)      # (job, error text)
@@ -74,7 +83,7 @@ class EvaluatorPool:
     def _new_actor(self):
         return EvaluatorActor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                                       scheduling_strategy="DEFAULT").remote(
-            self.settings, max(1, int(self.num_cpus)))
+            self.settings, max(1, int(self.num_cpus)), self.num_gpus > 0, self.storage)
 
     def submit(self, job: EvalJob) -> None:
         """Queue a checkpoint; one already queued, running or done is not evaluated again."""

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from evaluators.suite import EvalSettings
 from orchestrator.sweeping.layout import SweepLayout, TrialSpec
+from orchestrator.sweeping.storage import Storage
 from trainers.config import TestTime
 
 
@@ -27,7 +28,7 @@ class SchedulerSection:
 class ScalingSection:
     num_workers: int = 1                 # DDP ranks per trial; train.batch_size is per worker
     use_gpu: bool = False
-    cpus_per_worker: Optional[float] = None   # None: share the cluster's cores out (sweep.plan_resources)
+    cpus_per_worker: Optional[float] = None   # None: share the cluster's cores out (orchestrator.sweeping.resources)
     gpus_per_worker: float = 1.0
     # custom Ray resources each worker needs, e.g. {node_b: 1} to pin a trial to the nodes that
     # advertise them (`ray start --resources='{"node_b": 1}'`); CPU and GPU come from the keys above
@@ -43,6 +44,15 @@ class FailureSection:
 class TrackingSection:
     uri: Optional[str] = None            # None: start a local MLflow server under output_dir/mlflow
     experiment: str = "softdimo"
+
+
+@dataclass
+class StorageSection:
+    """For an ``s3://bucket/prefix`` output_dir (orchestrator.sweeping.storage). Credentials are
+    not keys here: they come from each node's environment (the file is copied into sweep.json)."""
+    endpoint_url: Optional[str] = None   # None: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS
+    region: Optional[str] = None         # None: $AWS_DEFAULT_REGION, $AWS_REGION
+    scratch_dir: Optional[str] = None    # each node's working folder; None: <tmp>/softdimo-scratch
 
 
 _EVAL = EvalSettings()      # the evaluation defaults live in evaluators.suite.EvalSettings alone
@@ -123,7 +133,13 @@ class SweepFile:
     failure: FailureSection = field(default_factory=FailureSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
-    output_dir: str = "runs/sweeps"
+    output_dir: str = "runs/sweeps"      # a folder (local or shared), or s3://bucket/prefix
+    storage: StorageSection = field(default_factory=StorageSection)
+
+
+def storage_of(file: SweepFile) -> Storage:
+    s = file.storage
+    return Storage.of(file.output_dir, s.endpoint_url, s.region, s.scratch_dir)
 
 
 @dataclass
@@ -151,8 +167,12 @@ class SweepSpec:
         return [self.students, self.trials] if self.students else [self.trials]
 
     @property
+    def storage(self) -> Storage:
+        return storage_of(self.file)
+
+    @property
     def layout(self) -> SweepLayout:
-        return SweepLayout.of(self.file.output_dir, self.file.name)
+        return SweepLayout.of(self.storage.local, self.file.name)
 
     @property
     def sweep_dir(self) -> Path:

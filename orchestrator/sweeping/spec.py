@@ -24,8 +24,9 @@ from orchestrator.config import (UserError, assign, check_files, key_problem, lo
                                  parse_value, split_override, to_dict, validated)
 from softdimo.teachers import TeacherFilesMissing
 from orchestrator.sweeping.checks import NAME_PATTERN, check_eval_weights, check_file  # noqa: F401 (re-exported)
-from orchestrator.sweeping.layout import SweepLayout
-from orchestrator.sweeping.schema import StudentSection, SweepFile, SweepSpec, Trial
+from orchestrator.sweeping.layout import SweepLayout, TrialScaling
+from orchestrator.sweeping.schema import StudentSection, SweepFile, SweepSpec, Trial, storage_of
+from orchestrator.sweeping.storage import SCHEME, is_remote
 from trainers.config import Config, ConfigValueError, check_values
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
@@ -52,9 +53,17 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), cwd: Path | None
     preset = (preset if preset.is_absolute() else file_path.parent / preset).resolve()
     if not preset.is_file():
         raise UserError(f"{source}: preset: {preset} not found")
-    file.output_dir = str(_absolute(file.output_dir, cwd))
-    for folder, what in ((Path(file.output_dir), "output_dir"),
-                         (Path(file.output_dir) / file.name, "name")):
+    if is_remote(file.output_dir):
+        if not file.output_dir[len(SCHEME):].strip("/"):
+            raise UserError(f"{source}: output_dir: {file.output_dir!r} names no bucket (s3://bucket/prefix)")
+    elif "://" in file.output_dir:
+        raise UserError(f"{source}: output_dir: {file.output_dir!r}: a folder or s3://bucket/prefix")
+    else:
+        file.output_dir = str(_absolute(file.output_dir, cwd))
+    if file.storage.scratch_dir:
+        file.storage.scratch_dir = str(_absolute(file.storage.scratch_dir, cwd))
+    for folder, what in ((storage_of(file).local, "output_dir"),
+                         (storage_of(file).local / file.name, "name")):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{source}: {what}: {folder} is an existing file, not a folder")
     samplers = {key: _sampler(key, spec, source) for key, spec in file.search.items()}
@@ -148,6 +157,7 @@ def format_dry_run(spec: SweepSpec) -> str:
                   else f"{f.scaling.cpus_per_worker:g} CPU") + (
         f" + {f.scaling.gpus_per_worker:g} GPU" if f.scaling.use_gpu else "") + "".join(
         f" + {v:g} {k}" for k, v in sorted(f.scaling.resources_per_worker.items()))
+    backend = TrialScaling(workers, f.scaling.use_gpu, 0.0, f.scaling.gpus_per_worker, 1).backend
     sched = f.scheduler
     scheduler = sched.type if sched.type == "fifo" else (
         f"asha (grace_period={sched.grace_period}, max_t={sched.max_t} images, "
@@ -167,12 +177,13 @@ def format_dry_run(spec: SweepSpec) -> str:
         f"  metric:      {f.metric} ({f.mode})",
         f"  scheduler:   {scheduler}",
         f"  concurrency: {f.max_concurrent_trials or 'from cluster resources'}",
-        f"  scaling:     {workers} worker(s) on {device}, {per_worker} per worker, "
+        f"  scaling:     {workers} worker(s) on {device} ({backend}), {per_worker} per worker, "
         f"max_failures {f.failure.max_failures}",
         f"  global batch: {batch} (train.batch_size x {workers} worker(s))",
         f"  evaluation:  {evaluation}",
         f"  tracking:    {f.tracking.uri or 'local MLflow server'}, experiment {f.tracking.experiment}",
-        f"  output:      {spec.sweep_dir}",
+        f"  output:      {spec.storage.location(spec.sweep_dir)}"
+        + (f" (working folder {spec.sweep_dir})" if spec.storage.remote else ""),
     ]
     if f.arms:
         lines.insert(4, f"  arms:        {', '.join(f.arms)} (each crossed with the search)")
@@ -292,7 +303,9 @@ class _Layers:
             got = OmegaConf.select(cfg, name)
             chosen[name] = OmegaConf.to_container(got) if isinstance(got, (DictConfig, ListConfig)) else got
         cache = cfg.world.cache_dir
-        OmegaConf.update(cfg, "output_dir", str(SweepLayout.of(self.file.output_dir, self.file.name).trial(key).root))
+        # the trial's working folder (node-local scratch for an s3:// output_dir)
+        trial_root = SweepLayout.of(storage_of(self.file).local, self.file.name).trial(key).root
+        OmegaConf.update(cfg, "output_dir", str(trial_root))
         OmegaConf.update(cfg, "world.cache_dir", None if cache is None else str(_absolute(cache, self.cwd)))
         OmegaConf.update(cfg, "train.device", "cuda" if self.file.scaling.use_gpu else "cpu")
         obj = OmegaConf.to_object(cfg)

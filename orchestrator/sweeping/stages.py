@@ -10,9 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+from orchestrator.sweeping.resources import DRIVER_CPU
 from orchestrator.sweeping.schema import SweepSpec
-
-DRIVER_CPU = 0.01     # a trial's Tune driver only launches its TorchTrainer
 TABLE_METRICS = ("eval/world_fid", "eval/world_clip", "eval/geneval_world", "eval/fid5k", "eval/fid50k",
                  "eval/is", "eval/clip", "eval/hps_v21", "eval/imagereward", "eval/temperature",
                  "loss/dimo", "loss/gan_generator", "loss/reward", "ema/entropy", "ddp/max_param_spread")
@@ -64,8 +63,10 @@ def run_stage(spec: SweepSpec, trials: list, sweep_ctx, concurrent: int, progres
     layout = spec.layout
     trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
                                     {"CPU": DRIVER_CPU})
+    storage = spec.storage
     run_config = tune.RunConfig(
-        name=tune_dir.name, storage_path=str(layout.root),
+        name=tune_dir.name, storage_path=storage.ray_path(layout.root),
+        storage_filesystem=storage.filesystem(),
         failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
         progress_reporter=_reporter(spec), verbose=1 if progress else 0,
         callbacks=[EvalDispatch(spec.file.name), OrphanGroupCleaner()])
@@ -74,6 +75,7 @@ def run_stage(spec: SweepSpec, trials: list, sweep_ctx, concurrent: int, progres
     # trial: train_driver reports a finished trial's result.json again, and an unfinished one
     # resumes from its own verified checkpoint (Train's JSON snapshot under train/<key>/).
     remove(tune_dir)
+    storage.delete(tune_dir)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([t.spec().to_json() for t in trials])},
@@ -83,8 +85,10 @@ def run_stage(spec: SweepSpec, trials: list, sweep_ctx, concurrent: int, progres
             trial_name_creator=lambda t: t.config["trial"]["key"],
             trial_dirname_creator=lambda t: t.config["trial"]["key"]),
         run_config=run_config)
+    results = tuner.fit()
+    pull_trials(sweep_ctx)
     rows = []
-    for result in tuner.fit():
+    for result in results:
         trial = result.config["trial"]
         done = layout.trial(trial["key"]).result
         metrics = json.loads(done.read_text()) if done.is_file() else (result.metrics or {})
@@ -92,6 +96,18 @@ def run_stage(spec: SweepSpec, trials: list, sweep_ctx, concurrent: int, progres
         rows.append({"key": trial["key"], "label": trial["label"], "status": status,
                      "metrics": metrics, "error": str(result.error).splitlines()[0] if result.error else ""})
     return rows
+
+
+def pull_trials(sweep_ctx) -> None:
+    """Bring every student's and trial's own files (not its snapshots) into the driver's working
+    folder from object storage; a local or shared folder needs nothing."""
+    storage, layout = sweep_ctx.storage, sweep_ctx.layout
+    if not storage.remote:
+        return
+    for folder in (layout.students, layout.trials):
+        for key, is_dir in storage.entries(folder):
+            if is_dir:
+                storage.pull_files(layout.trial(key).root)
 
 
 def table(rows: list[dict]) -> str:

@@ -2,9 +2,10 @@
 
 ``train_driver`` is the Tune function trainable (Train V2 cannot be handed to a Tuner directly). It
 finds or creates the trial's MLflow child run, runs ``train_worker`` on ``scaling.num_workers`` ranks
-(gloo on CPU, NCCL on GPU), and turns the outcome into one final Tune result. It is idempotent: a
-trial whose ``result.json`` exists is reported again and not rerun, and the Train run has a
-deterministic name under the sweep folder, so a restarted trial resumes from its last checkpoint.
+(``TrialScaling.backend``: NCCL when each rank has a GPU of its own, else gloo), and turns the
+outcome into one final Tune result. It is idempotent: a trial whose ``result.json`` exists is
+reported again and not rerun, and the Train run has a deterministic name under the sweep folder, so
+a restarted trial resumes from its last checkpoint.
 
 ``train_worker`` runs ``trainers.loop.train`` unchanged on every rank. Rank 0 alone logs to MLflow
 (through ``orchestrator.tracking.Tracker``, which spools while MLflow is unreachable) and uploads
@@ -25,6 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
 from orchestrator.sweeping.layout import SweepContext, TrialSpec
+from orchestrator.sweeping.storage import Storage
 from softdimo.world.layout import resolve_spec as resolve_world
 
 
@@ -32,10 +34,24 @@ class TrialError(RuntimeError):
     """A trial that cannot succeed as configured (non-finite loss, exhausted restarts)."""
 
 
-def _append_json(path: Path, record: dict) -> None:
+def _append_json(storage: Storage, path: Path, record: dict) -> None:
+    """Append one line to a trial file in storage (this trial's rank 0 is its only writer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    storage.pull(path)
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    storage.push(path)
+
+
+def _write_json(storage: Storage, path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    storage.push(path)
+
+
+def _read_json(storage: Storage, path: Path) -> dict | None:
+    """A trial file written on any node (None when it is nowhere)."""
+    return json.loads(path.read_text()) if storage.pull(path) and path.is_file() else None
 
 
 def snapshot(checkpoint: Path, dest: Path) -> Path:
@@ -78,6 +94,7 @@ def train_worker(loop_config: dict) -> None:
     sweep: SweepContext = loop_config["sweep"]
     key = loop_config["key"]
     files = sweep.trial(key)
+    storage = sweep.storage
     _setup_device(sweep.scaling.use_gpu, sweep.scaling.threads_per_worker)
     cfg = from_dict(loop_config["config"], f"trial {key}")
     resolved = loop_config["config"]
@@ -99,13 +116,15 @@ def train_worker(loop_config: dict) -> None:
             if due:
                 # the EMA weights and meta of this step, kept for the evaluator pool (Ray moves
                 # and prunes the full checkpoint); the sweep's Tune callback submits it
-                metrics["eval_checkpoint"] = str(snapshot(saved, files.snapshot(saved.name)))
+                kept = snapshot(saved, files.snapshot(saved.name))
+                storage.push(kept)           # the evaluator actor may run on another node
+                metrics["eval_checkpoint"] = str(kept)
                 metrics["mlflow_run_id"] = loop_config["run_id"]
                 last_eval["images"] = metrics["images_seen"]
         checkpoint = None
         if saved is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(saved))
-            tracker.set_tags({"checkpoint.last": str(sweep.layout.train / key / saved.name)})
+            tracker.set_tags({"checkpoint.last": storage.location(sweep.layout.train / key / saved.name)})
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=saved.name if saved is not None else None,
                          delete_local_checkpoint_after_upload=True if saved is not None else None)
@@ -117,25 +136,25 @@ def train_worker(loop_config: dict) -> None:
 
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        restored = _verified(restored)
+        restored = _verified(restored, storage, files.root / "restore")
     try:
         if restored is None:
             start = 0
             if rank == 0:
-                _append_json(files.attempts, {"pid": os.getpid(), "node": _node(), "start_step": 0,
-                                               "time": time.time()})
+                _append_json(storage, files.attempts, {"pid": os.getpid(), "node": _node(),
+                                                       "start_step": 0, "time": time.time()})
             result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False)
         else:
             start = int(read_meta(restored)["step"])
             if rank == 0:
-                _append_json(files.attempts, {"pid": os.getpid(), "node": _node(), "start_step": start,
-                                               "time": time.time()})
+                _append_json(storage, files.attempts, {"pid": os.getpid(), "node": _node(),
+                                                       "start_step": start, "time": time.time()})
             result = train(cfg, resolved, hooks=hooks, ctx=ctx, progress=False, resume_from=restored)
     except FloatingPointError as err:
         # Retrying a deterministic run would only reproduce the NaN: record it, end cleanly, and
         # let the driver fail the trial. No checkpoint was written for the bad step.
         if rank == 0:
-            files.failure.write_text(json.dumps({"error": str(err)}))
+            _write_json(storage, files.failure, {"error": str(err)})
             tracker.set_tags({"error": str(err)})
             tracker.close()
         return
@@ -145,9 +164,12 @@ def train_worker(loop_config: dict) -> None:
         staging = Path(cfg.output_dir) / "checkpoints"   # Ray moved every checkpoint to train/
         if staging.is_dir() and not any(staging.iterdir()):
             staging.rmdir()
+        for made in ("config.json", "samples"):      # the trainer's own files, beside the trial's
+            if (files.root / made).exists():
+                storage.push(files.root / made)
         if "ddp/max_param_spread" in final:
             tracker.log_metrics(result.step, {"ddp/max_param_spread": final["ddp/max_param_spread"]})
-        files.final.write_text(json.dumps(final, indent=2, sort_keys=True))
+        _write_json(storage, files.final, final)
         tracker.close()
 
 
@@ -175,15 +197,33 @@ def _announce_world_build(cfg, key: str, rank: int, tracker) -> None:
         tracker.set_tags({"softdimo.world_build": message})
 
 
-def _verified(restored: "ray.train.Checkpoint") -> Path | None:
+def _verified(restored: "ray.train.Checkpoint", storage: Storage, scratch: Path) -> Path | None:
     """The newest of the trial's checkpoints, up to the one Train hands back, that verifies against
-    its checksums (a damaged one is skipped with one warning line); None: start afresh."""
+    its checksums (a damaged one is skipped with one warning line); None: start afresh. From object
+    storage the candidates (``keep_checkpoints`` of them) are downloaded into ``scratch`` first."""
+    import posixpath
+    import shutil
+
     from trainers.checkpoint import META, newest_good
 
-    with restored.as_directory() as path:    # the sweep's storage is a local or shared folder
-        latest = Path(path)
-    found = sorted(p for p in latest.parent.glob("step_*") if p.name <= latest.name and (p / META).is_file())
-    return newest_good(found)
+    if not storage.remote:                   # a local or shared folder: read in place
+        latest = Path(restored.path)
+        found = sorted(p for p in latest.parent.glob("step_*")
+                       if p.name <= latest.name and (p / META).is_file())
+        return newest_good(found)
+    from pyarrow import fs as pafs
+
+    fs, parent = restored.filesystem, posixpath.dirname(restored.path.rstrip("/"))
+    latest = posixpath.basename(restored.path.rstrip("/"))
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(parent))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")
+                   and i.base_name <= latest)
+    shutil.rmtree(scratch, ignore_errors=True)
+    for name in names:
+        (scratch / name).mkdir(parents=True)
+        pafs.copy_files(f"{parent}/{name}", str(scratch / name), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    return newest_good(p for p in (scratch / n for n in names) if (p / META).is_file())
 
 
 def _run_name(trial: TrialSpec) -> str:
@@ -211,13 +251,14 @@ def _trainer(trial: TrialSpec, sweep: SweepContext, run_id: str) -> TorchTrainer
         train_worker,
         train_loop_config={"sweep": sweep, "key": trial.key, "config": trial.config,
                            "run_id": run_id},
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=scaling.backend),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers,
                                                use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=trial.key,                                     # deterministic: restarts resume
-            storage_path=str(sweep.layout.train),
+            storage_path=sweep.storage.ray_path(sweep.layout.train),
+            storage_filesystem=sweep.storage.filesystem(),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=trial.config["train"]["keep_checkpoints"]),
             failure_config=ray.train.FailureConfig(max_failures=sweep.max_failures),
@@ -232,12 +273,15 @@ def train_driver(config: dict, sweep: SweepContext) -> None:
     trial = TrialSpec.from_json(config["trial"])
     key = trial.key
     files = sweep.trial(key)
+    storage = sweep.storage
     uri = sweep.tracking_uri
-    if files.result.is_file():        # finished before an interruption: report, do not rerun
-        ray.tune.report(json.loads(files.result.read_text()))
+    done = _read_json(storage, files.result)
+    if done is not None:              # finished before an interruption: report, do not rerun
+        ray.tune.report(done)
         return
-    if files.failure.is_file():
-        raise TrialError(f"trial {key}: {json.loads(files.failure.read_text())['error']}")
+    failure = _read_json(storage, files.failure)
+    if failure is not None:
+        raise TrialError(f"trial {key}: {failure['error']}")
     run_id = tracking.get_or_create_child(
         uri, sweep.experiment_id, sweep.parent_id, sweep.name, key, _run_name(trial),
         _params(trial, sweep), tags={tracking.TAG_RAY_TRIAL: ray.tune.get_context().get_trial_id(),
@@ -253,17 +297,18 @@ def train_driver(config: dict, sweep: SweepContext) -> None:
         _finish(uri, run_id, files.spool, "FAILED")
         raise TrialError(f"trial {key}: training failed after {sweep.max_failures} restart(s): "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    if files.failure.is_file():
-        error = json.loads(files.failure.read_text())["error"]
+    failure = _read_json(storage, files.failure)     # written by rank 0, maybe on another node
+    if failure is not None:
         _finish(uri, run_id, files.spool, "FAILED")
-        raise TrialError(f"trial {key}: {error}")
-    final = json.loads(files.final.read_text())
+        raise TrialError(f"trial {key}: {failure['error']}")
+    final = _read_json(storage, files.final)
     tracker = tracking.Tracker(uri, run_id, files.spool)   # replays a leftover spool
     if result.checkpoint is not None:
-        final["checkpoint"] = result.checkpoint.path
-        tracker.set_tags({"checkpoint.final": result.checkpoint.path})
+        final["checkpoint"] = storage.location(
+            sweep.layout.train / key / Path(result.checkpoint.path).name)
+        tracker.set_tags({"checkpoint.final": final["checkpoint"]})
     final["mlflow_run_id"] = run_id
-    files.result.write_text(json.dumps(final, indent=2, sort_keys=True))
+    _write_json(storage, files.result, final)
     tracker.close("FINISHED")
     ray.tune.report(final)
 

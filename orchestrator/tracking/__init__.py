@@ -86,7 +86,12 @@ class LocalServer:
 
     @classmethod
     def start(cls, store: Path, port: int | None = None, timeout: float = 90,
-              host: str = "127.0.0.1") -> "LocalServer":
+              host: str = "127.0.0.1", artifacts: str | None = None,
+              env: dict | None = None) -> "LocalServer":
+        """``host``: the address it listens on (a cluster's driver node, not loopback, when trials
+        run on other nodes); ``artifacts``: an object-storage URI (s3://...) the server writes
+        artifacts to, clients sending them through it (only the server needs credentials);
+        ``env``: for its S3 client."""
         store = Path(store).resolve()
         (store / "artifacts").mkdir(parents=True, exist_ok=True)
         # Create the schema here, before the server (and any worker) touches the file.
@@ -99,12 +104,13 @@ class LocalServer:
         # under the watchdog: the server ends with this process even when it is SIGKILLed
         cmd = [sys.executable, str(Path(__file__).with_name("watchdog.py")), "--",
                sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_uri(store),
-               "--default-artifact-root", str(store / "artifacts"), "--host", host,
-               "--port", str(port), "--workers", "1"]
+               *(["--serve-artifacts", "--artifacts-destination", artifacts] if artifacts else
+                 ["--default-artifact-root", str(store / "artifacts")]),
+               "--host", host, "--port", str(port), "--workers", "1"]
         if host != "127.0.0.1":     # MLflow's DNS-rebinding guard admits localhost and private IPs
             cmd += ["--allowed-hosts", f"{host},{host}:{port},localhost,localhost:{port},127.0.0.1,"
                     f"127.0.0.1:{port}"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(log_path, "ab") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                        stdin=subprocess.DEVNULL, start_new_session=True)

@@ -23,7 +23,7 @@ def test_resources_per_worker_reach_the_plan_and_the_dry_run(tmp_path):
 
     spec = sweep(tmp_path, "sweep.scaling.resources_per_worker={node_b: 1}")
     assert spec.file.scaling.resources_per_worker == {"node_b": 1.0}
-    assert "1 worker(s) on cpu, CPU from the cluster's cores + 1 node_b per worker" in format_dry_run(spec)
+    assert "1 worker(s) on cpu (gloo), CPU from the cluster's cores + 1 node_b per worker" in format_dry_run(spec)
     # three trials and 8 cores, but one node_b: one trial at a time, with the cores it leaves
     assert plan_resources(spec, {"CPU": 8.0, "node_b": 1.0})[0] == 1
     spec.file.scaling.cpus_per_worker = 1.0

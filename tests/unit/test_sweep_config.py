@@ -246,6 +246,13 @@ ERRORS = [  # (sweep file body after name/preset, overrides, what the message mu
     ("max_concurrent_trials: 0\n", [], "max_concurrent_trials: must be >= 1"),
     ("scaling: {num_workers: 0}\n", [], "scaling.num_workers: must be >= 1"),
     ("scaling: {cpus_per_worker: 0}\n", [], "scaling.cpus_per_worker: must be > 0"),
+    ("output_dir: gs://bucket/x\n", [], "output_dir: 'gs://bucket/x': a folder or s3://bucket/prefix"),
+    ("output_dir: s3://\n", [], "output_dir: 's3://' names no bucket"),
+    ("output_dir: s3://bucket/x\nstorage: {aws_secret_access_key: k}\n", [], "storage.aws_secret_access_key"),
+    ("output_dir: s3://bucket/x\nstorage: {endpoint_url: 'http://127.0.0.1:9000'}\n", [], None),
+    ("scaling: {use_gpu: true, gpus_per_worker: 1.5}\n", [], "scaling.gpus_per_worker: Ray takes a fraction"),
+    ("scaling: {use_gpu: true, gpus_per_worker: 0.25}\n", [], None),
+    ("evaluation: {gpus_per_actor: 2.5}\n", [], "evaluation.gpus_per_actor: Ray takes a fraction"),
     ("failure: {max_failures: -1}\n", [], "failure.max_failures: must be >= 0"),
     ("mode: minimum\n", [], "mode: 'minimum' is not one of min, max"),
     ("evaluation: {metrics: [world_fid, fidd]}\n", [], "evaluation.metrics"),
@@ -337,7 +344,7 @@ def test_plan_resources_shares_the_cores_out_and_leaves_room_for_the_evaluator_p
 
 
 def test_concurrency_avoids_a_last_wave_that_idles_cores():
-    from orchestrator.sweep import _concurrency
+    from orchestrator.sweeping.resources import _concurrency
 
     assert _concurrency(1, 2) == 1 and _concurrency(2, 2) == 2
     assert _concurrency(3, 2) == 3          # 1.5 trial-times instead of 2
@@ -346,6 +353,82 @@ def test_concurrency_avoids_a_last_wave_that_idles_cores():
     assert _concurrency(6, 4) == 6          # 1.5 trial-times instead of 2
     assert _concurrency(10_000, 2) == 2
     assert _concurrency(3, 0) == 1          # no whole core: one at a time
+
+
+def test_an_s3_output_dir_works_in_a_scratch_folder_named_after_the_bucket(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    spec = load(tmp_path, "output_dir: s3://bkt/some/prefix/\nstorage: {scratch_dir: scratch}\n")
+    storage = spec.storage
+    assert storage.uri == "s3://bkt/some/prefix" and storage.remote
+    assert (storage.endpoint_url, storage.region) == ("http://127.0.0.1:9000", "eu-west-1")
+    assert spec.sweep_dir == tmp_path / "scratch/bkt/some/prefix/s"      # each node's working folder
+    assert spec.trials[0].config["output_dir"] == str(spec.sweep_dir / "trials/t000")
+    assert storage.location(spec.layout.trial("t000").result) == "s3://bkt/some/prefix/s/trials/t000/result.json"
+    assert storage.ray_path(spec.layout.train) == "bkt/some/prefix/s/train"   # Ray's, with its filesystem
+    assert "output:      s3://bkt/some/prefix/s (working folder" in format_dry_run(spec)
+    local = load(tmp_path, "output_dir: out\n").storage                  # a folder: no storage layer
+    assert not local.remote and local.local == tmp_path / "out" and local.filesystem() is None
+
+
+def _gpu_sweep(tmp_path, *overrides):
+    return load_sweep(ROOT / "sweeps" / "gan_mask.yaml", ["sweep.scaling.use_gpu=true", *overrides],
+                      cwd=tmp_path)      # 3 trials, a one-actor evaluator pool
+
+
+def test_plan_resources_puts_several_fractional_gpu_trials_on_one_gpu(tmp_path):
+    from orchestrator.sweep import plan_resources
+
+    quarter = _gpu_sweep(tmp_path, "sweep.scaling.gpus_per_worker=0.25",
+                         "sweep.num_samples=2")                        # 6 trials
+    # one GPU, the pool on CPU: four quarter-GPU trials at once (not 1.0 // 0.25 rounding down)
+    assert plan_resources(quarter, {"CPU": 16.0, "GPU": 1.0}) == (4, 3.86, 4)
+    assert plan_resources(quarter, {"CPU": 16.0, "GPU": 2.0})[0] == 6   # every trial
+    # the pool on a quarter of the GPU: three trials beside it
+    quarter.file.evaluation.gpus_per_actor = 0.25
+    assert plan_resources(quarter, {"CPU": 16.0, "GPU": 1.0})[0] == 3
+    # tenths: 1.0 // 0.1 is 9 in floats, Ray fits 10 (it counts in 1/10,000ths); 0.1 left for the pool
+    tenth = _gpu_sweep(tmp_path, "sweep.scaling.gpus_per_worker=0.1", "sweep.num_samples=5",
+                       "sweep.evaluation.gpus_per_actor=0.1")          # 15 trials
+    assert plan_resources(tenth, {"CPU": 32.0, "GPU": 1.0})[0] == 9
+    tenth.file.evaluation.gpus_per_actor = 0.0
+    assert plan_resources(tenth, {"CPU": 32.0, "GPU": 1.0})[0] == 10
+    # explicit CPUs: the GPU is what limits
+    quarter.file.scaling.cpus_per_worker = 2.0
+    quarter.file.evaluation.gpus_per_actor = 0.0
+    assert plan_resources(quarter, {"CPU": 64.0, "GPU": 1.0}) == (4, 2.0, 2)
+    # two workers per trial at half a GPU each: one trial per GPU
+    halves = _gpu_sweep(tmp_path, "sweep.scaling.num_workers=2", "sweep.scaling.gpus_per_worker=0.5")
+    assert plan_resources(halves, {"CPU": 16.0, "GPU": 2.0})[0] == 2
+
+
+def test_plan_resources_refuses_a_cluster_without_the_gpus_asked_for(tmp_path):
+    from orchestrator.sweep import plan_resources
+
+    spec = _gpu_sweep(tmp_path, "sweep.scaling.gpus_per_worker=0.5")
+    with pytest.raises(UserError, match=r"scaling: one trial needs .*'GPU': 0.5"):
+        plan_resources(spec, {"CPU": 16.0})                             # a CPU-only cluster
+    # a CPU sweep whose evaluator pool asks for a GPU the cluster lacks: its actor would wait forever
+    cpu = load_sweep(ROOT / "sweeps" / "gan_mask.yaml", ["sweep.evaluation.gpus_per_actor=0.5"],
+                     cwd=tmp_path)
+    with pytest.raises(UserError, match=r"evaluator pool 1 x \(CPU 0.5, GPU 0.5\)"):
+        plan_resources(cpu, {"CPU": 16.0})
+    assert plan_resources(cpu, {"CPU": 16.0, "GPU": 1.0})[0] == 3
+
+
+@pytest.mark.parametrize("workers, use_gpu, gpus, backend", [
+    (1, False, 1.0, "gloo"), (2, False, 1.0, "gloo"),
+    (1, True, 0.25, "nccl"),          # one rank: NCCL on its share of the GPU
+    (2, True, 1.0, "nccl"), (4, True, 2.0, "nccl"),
+    (2, True, 0.5, "gloo"),           # two ranks may share one GPU, which NCCL refuses
+])
+def test_multi_gpu_trials_use_nccl_and_shared_gpus_gloo(tmp_path, workers, use_gpu, gpus, backend):
+    from orchestrator.sweeping.layout import TrialScaling
+
+    assert TrialScaling(workers, use_gpu, 1.0, gpus, 1).backend == backend
+    spec = load(tmp_path, f"scaling: {{num_workers: {workers}, use_gpu: {str(use_gpu).lower()}, "
+                          f"gpus_per_worker: {gpus}}}\n")
+    assert f"worker(s) on {'gpu' if use_gpu else 'cpu'} ({backend})" in format_dry_run(spec)
 
 
 def test_results_table_shows_the_evaluation_noise_and_says_whether_trials_differ():
