@@ -10,7 +10,8 @@ machine's busy cores (/proc/stat) and the CPU time of the command's own process 
 (/proc/<pid>/stat, Ray's processes included) are sampled every second. The stages are cut at the sweep's
 own lines: start-up until the first world component starts, the world build until the trial plan
 is printed, the trials (with their evaluations) until the results table, then the end.
-Writes ``OUT/timeline.txt`` (every line with its time) and ``OUT/stages.md``; prints the table.
+Writes ``OUT/timeline.txt`` (every line with its time), ``OUT/cores.tsv`` (the samples) and
+``OUT/stages.md``; prints the table.
 The command's own cores are meaningful on a busy machine too; its times are not: run it on a quiet one.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKERS = (("world build", "building world component"), ("trials and evaluation", "trial(s) at once"),
+MARKERS = (("world build", "building world component"), ("trials and evaluation", "at once, each worker"),
            ("results and shutdown", "world-FID spread"))
 
 
@@ -131,6 +132,7 @@ def main() -> int:
                 f"{means(start, end + 1)} |")
     text = "\n".join(rows) + "\n"
     (out / "stages.md").write_text(text)
+    (out / "cores.tsv").write_text("".join(f"{t - start:.1f}\t{m:.2f}\t{o:.2f}\n" for t, m, o in sampler.samples))
     print(text)
     return rc
 
