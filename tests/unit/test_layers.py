@@ -116,3 +116,10 @@ def test_the_world_package_has_no_import_cycle():
     known = {_module(f) for f in files}
     graph = {_module(f): {n for n in imports(f) if n in known} for f in files}
     assert not _cycle(graph), _cycle(graph)
+
+
+def test_test_modules_have_unique_names():
+    """tests/unit, tests/e2e and tests/gpu are not packages: pytest imports each test file by its
+    base name, so two files of one name stop a full run at collection."""
+    names = [p.name for p in (ROOT / "tests").glob("*/test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
