@@ -77,11 +77,13 @@ def test_sweep_on_s3_resumes_after_a_killed_driver_and_every_file_lands_in_the_b
     root = f"{PREFIX}/k"
     driver = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        # t000 finished and t001 has a checkpoint in the bucket: kill the driver mid-trial
+        # t000 finished and t001 has a committed checkpoint in the bucket: kill the driver
+        # mid-trial. Committed means Train's snapshot names it; a step_ folder alone may still be
+        # uploading, and a resume then rightly starts afresh (a quiet machine won that race).
         _wait(lambda: driver.poll() is not None or (
             f"{root}/trials/t000/result.json" in keys(s3, root)
-            and any(k.startswith(f"{root}/train/t001/step_") for k in keys(s3, root))), 300,
-            "t001's first checkpoint in the bucket")
+            and f"{root}/train/t001/checkpoint_manager_snapshot.json" in keys(s3, root)), 300,
+            "t001's first committed checkpoint in the bucket")
         assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
         driver.kill()
     finally:

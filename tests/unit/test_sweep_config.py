@@ -175,7 +175,8 @@ def test_shipped_sweeps(tmp_path, name, preset, key, values):
     spec = load_sweep(ROOT / "sweeps" / f"{name}.yaml", cwd=tmp_path)
     assert spec.file.name == name and Path(spec.preset).name == f"{preset}.yaml"
     assert column(spec, key) == values
-    assert all(t.config["train"]["steps"] == 500 for t in spec.trials)
+    steps = 400 if name == "gan_mask" else 500     # the README's main command fits 20 min on 2 cores
+    assert all(t.config["train"]["steps"] == steps for t in spec.trials)
     assert (spec.file.metric, spec.file.mode, spec.file.evaluation.num_images) == (
         "eval/world_fid", "min", 500)
     assert spec.sweep_dir == tmp_path / "runs" / "sweeps" / name
