@@ -268,20 +268,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def init_from(st: TrainState, path: str | Path, teacher_kind: str, world_spec: str) -> dict:
-    """Load θ, its EMA and ψ from another run's checkpoint (InitSection); returns what was loaded.
+    """Start θ and its EMA from another run's EMA weights and ψ from its ψ (InitSection); returns
+    what was loaded.
 
     The checkpoint must come from the same teacher (and embedded world): shapes alone would let a
     student of another world's teacher load and silently train on the wrong tokens.
     """
     path = resolve_checkpoint(path)
-    meta = verify_checkpoint(path, [f"{n}.safetensors" for n in ("generator", "ema", "auxiliary")])
+    meta = verify_checkpoint(path, ["ema.safetensors", "auxiliary.safetensors"])
     source = meta.get("config", {})
     theirs = (source.get("teacher", {}).get("kind"), source.get("world", {}).get("spec"))
     if theirs[0] != teacher_kind or (teacher_kind.startswith("world_") and theirs[1] != world_spec):
         raise ValueError(f"init.checkpoint: {path} was trained on teacher {theirs[0]!r} "
                          f"(world {theirs[1]!r}), this run uses {teacher_kind!r} (world {world_spec!r})")
     device = next(st.generator.parameters()).device
-    for name in ("generator", "ema", "auxiliary"):
-        st.modules()[name].load_state_dict(load_weights(path, name, device), strict=True)
-    return {"checkpoint": str(path.resolve()), "step": int(meta["step"]),
+    # θ starts from the source's EMA, not its raw θ: the paper fine-tunes "the provided one-step
+    # generator in Di[M]O" (Sec. 4.2), which is Di[M]O's EMA model (dimo.md §7.2). The EMA is far
+    # ahead of the raw θ of a short run (world-FID 63 vs 79 at step 800, LOG.md 2026-12-07), and
+    # the restarted decay warm-up would otherwise replace it with the raw θ within a few steps.
+    ema = load_weights(path, "ema", device)
+    st.generator.load_state_dict(ema, strict=True)
+    st.ema.load_state_dict(ema, strict=True)
+    st.auxiliary.load_state_dict(load_weights(path, "auxiliary", device), strict=True)
+    return {"checkpoint": str(path.resolve()), "step": int(meta["step"]), "generator": "ema",
             "config_hash": meta.get("config_hash", "")}

@@ -52,9 +52,10 @@ class DataSection:
 @dataclass
 class InitSection:
     """The paper's two-stage recipe (Sec. 3, App. H): Soft-Di[M]O fine-tunes a converged Di[M]O
-    student. θ, its EMA and ψ start from another run's checkpoint; η, the optimizers, the schedule
-    and the step count start fresh, and so does the EMA's decay warm-up (ema.py), from the loaded
-    EMA. (``init.checkpoint`` and not ``init.from``: ``from`` is a Python keyword.)"""
+    student. θ and its EMA both start from the other run's EMA weights (the paper fine-tunes
+    Di[M]O's released one-step generator, its EMA model) and ψ from its ψ; η, the optimizers, the
+    schedule and the step count start fresh, and so does the EMA's decay warm-up (ema.py), which
+    starts at θ. (``init.checkpoint`` and not ``init.from``: ``from`` is a Python keyword.)"""
     checkpoint: Optional[str] = None    # a run folder (its newest checkpoint) or a step_* folder
 
 
