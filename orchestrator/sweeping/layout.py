@@ -15,7 +15,7 @@
         train/<key>/step_XXXXXXXX/          Ray Train's checkpoints (students' and trials')
         students/student-seed<N>/           the two-stage recipe's Di[M]O students (a TrialLayout)
         trials/<key>/                       TrialLayout.root (the trial's training output_dir)
-            result.json  final.json  failure.json  attempts.jsonl
+            result.json  final.json  failure.json  stopped.json  attempts.jsonl
             spool.jsonl  eval_spool.jsonl   eval.jsonl  eval/step_XXXXXXXX/
 
 With an ``s3://`` output_dir these paths are each node's working folder and the same names are
@@ -46,6 +46,7 @@ class TrialLayout:
 
     RESULT = "result.json"        # a finished trial's final metrics (its presence means: do not rerun)
     FAILURE = "failure.json"      # written by rank 0 when the loss became non-finite
+    STOPPED = "stopped.json"      # written by the driver when the scheduler stops the trial
     FINAL = "final.json"          # rank 0's final metrics, read back by the driver
     ATTEMPTS = "attempts.jsonl"   # one line per (re)start of the worker group: pid, start step
     SPOOL = "spool.jsonl"         # the trial's MLflow records while MLflow is unreachable
@@ -64,6 +65,10 @@ class TrialLayout:
     @property
     def failure(self) -> Path:
         return self.root / self.FAILURE
+
+    @property
+    def stopped(self) -> Path:
+        return self.root / self.STOPPED
 
     @property
     def final(self) -> Path:

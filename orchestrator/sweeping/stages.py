@@ -58,7 +58,7 @@ def run_stage(spec: SweepSpec, trials: list, sweep_ctx, concurrent: int, progres
 
     from orchestrator.sweeping.pg_cleanup import OrphanGroupCleaner
     from orchestrator.sweeping.pool import EvalDispatch
-    from orchestrator.sweeping.trial import train_driver
+    from orchestrator.sweeping.trial import StopMarker, train_driver
 
     layout = spec.layout
     trainable = tune.with_resources(tune.with_parameters(train_driver, sweep=sweep_ctx),
@@ -69,7 +69,7 @@ def run_stage(spec: SweepSpec, trials: list, sweep_ctx, concurrent: int, progres
         storage_filesystem=storage.filesystem(),
         failure_config=tune.FailureConfig(max_failures=spec.file.failure.max_failures),
         progress_reporter=_reporter(spec), verbose=1 if progress else 0,
-        callbacks=[EvalDispatch(spec.file.name), OrphanGroupCleaner()])
+        callbacks=[EvalDispatch(spec.file.name), OrphanGroupCleaner(), StopMarker(sweep_ctx)])
     # Never Tuner.restore: it unpickles tune/ (tuner.pkl, trial states), so a file planted in
     # the sweep folder would run. Tune's state is deleted unread and a new Tuner runs every
     # trial: train_driver reports a finished trial's result.json again, and an unfinished one

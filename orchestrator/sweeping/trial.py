@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
-from orchestrator.sweeping.layout import SweepContext, TrialSpec
+from orchestrator.sweeping.layout import SweepContext, TrialLayout, TrialSpec
 from orchestrator.sweeping.storage import Storage
 from softdimo.world.layout import resolve_spec as resolve_world
 
@@ -282,6 +282,8 @@ def train_driver(config: dict, sweep: SweepContext) -> None:
     failure = _read_json(storage, files.failure)
     if failure is not None:
         raise TrialError(f"trial {key}: {failure['error']}")
+    files.stopped.unlink(missing_ok=True)      # a stop of an earlier sweep run, now rerun
+    storage.delete(files.stopped)
     run_id = tracking.get_or_create_child(
         uri, sweep.experiment_id, sweep.parent_id, sweep.name, key, _run_name(trial),
         _params(trial, sweep), tags={tracking.TAG_RAY_TRIAL: ray.tune.get_context().get_trial_id(),
@@ -294,7 +296,7 @@ def train_driver(config: dict, sweep: SweepContext) -> None:
     try:
         result = _trainer(trial, sweep, run_id).fit()
     except Exception as err:   # TrainingFailedError and friends: restarts exhausted
-        _finish(uri, run_id, files.spool, "FAILED")
+        _finish(uri, run_id, files.spool, failed_status(storage, files))
         raise TrialError(f"trial {key}: training failed after {sweep.max_failures} restart(s): "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     failure = _read_json(storage, files.failure)     # written by rank 0, maybe on another node
@@ -313,6 +315,29 @@ def train_driver(config: dict, sweep: SweepContext) -> None:
     ray.tune.report(final)
 
 
+def failed_status(storage: Storage, files: TrialLayout) -> str:
+    """The MLflow status of a trial whose fit() raised: the scheduler's stop (ASHA) reaches fit()
+    as an error too, and a stopped trial's run was KILLED, not FAILED."""
+    return "KILLED" if _read_json(storage, files.stopped) is not None else "FAILED"
+
+
 def _finish(uri: str, run_id: str, spool: Path, status: str) -> None:
     """End the MLflow run; while MLflow is away the status is spooled like everything else."""
     tracking.Tracker(uri, run_id, spool).close(status)
+
+
+class StopMarker(ray.tune.Callback):
+    """Writes a trial's ``stopped.json`` when Tune ends it without a result (an ASHA stop).
+
+    Tune calls ``on_trial_complete`` before it tells the trial's actor to stop, so the marker is in
+    storage before the trial's ``fit()`` fails on the stop; the driver then ends the MLflow run as
+    KILLED. Without it, that late FAILED could land after the sweep had marked the run KILLED.
+    """
+
+    def __init__(self, sweep: SweepContext):
+        self.sweep = sweep
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        files = self.sweep.trial(trial.config["trial"]["key"])
+        if not self.sweep.storage.exists(files.result):
+            _write_json(self.sweep.storage, files.stopped, {"time": time.time()})

@@ -288,6 +288,9 @@ def test_asha_stops_trials_early_and_frees_their_resources(tmp_path, ray_session
     assert all(found[k]["step"] == 8 for k in done)
     runs = {r.data.tags["softdimo.trial"]: r for r in mlflow_children(f"sqlite:///{tmp_path}/mlflow.db", "asha")}
     assert {runs[k].info.status for k in stopped} == {"KILLED"}
+    # marked before Tune tells the trial, so a late error in the trial's fit() also ends KILLED
+    assert all((tmp_path / "asha" / "trials" / k / "stopped.json").is_file() for k in stopped)
+    assert not any((tmp_path / "asha" / "trials" / k / "stopped.json").exists() for k in done)
     deadline = time.time() + 60                               # stopped trials' placement groups go
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(1)

@@ -38,6 +38,7 @@ def test_layout_names_every_file_of_a_sweep_folder(tmp_path):
         layout.parent_spool: "s/parent_spool.jsonl", layout.tune: "s/tune", layout.train: "s/train",
         trial.root: "s/trials/t001", trial.result: "s/trials/t001/result.json",
         trial.final: "s/trials/t001/final.json", trial.failure: "s/trials/t001/failure.json",
+        trial.stopped: "s/trials/t001/stopped.json",
         trial.attempts: "s/trials/t001/attempts.jsonl", trial.spool: "s/trials/t001/spool.jsonl",
         trial.eval_spool: "s/trials/t001/eval_spool.jsonl", trial.eval_log: "s/trials/t001/eval.jsonl",
         trial.snapshot("step_00000002"): "s/trials/t001/eval/step_00000002",
@@ -140,3 +141,25 @@ def test_an_eval_default_changed_in_eval_settings_shows_in_the_sweep_schema_and_
     done = subprocess.run([sys.executable, "-c", CHANGED_DEFAULTS], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_trial_the_scheduler_stops_ends_killed_not_failed(tmp_path):
+    """ASHA's stop reaches the trial's fit() as an error, possibly after the sweep closed the run:
+    the marker the driver writes first makes the trial's own late status KILLED."""
+    from types import SimpleNamespace
+
+    from orchestrator.sweep import sweep_context
+    from orchestrator.sweeping.trial import StopMarker, failed_status
+
+    spec = load_sweep(_sweep_file(tmp_path), cwd=tmp_path)
+    ctx = sweep_context(spec, "sqlite:///x.db", "1", "p", cpus_per_worker=1, threads_per_worker=1)
+    marker = StopMarker(ctx)
+    stopped, done = ctx.trial("t000"), ctx.trial("t001")
+    assert failed_status(ctx.storage, stopped) == "FAILED"     # restarts exhausted, no stop
+    done.root.mkdir(parents=True)
+    done.result.write_text("{}")
+    for key in ("t000", "t001"):
+        marker.on_trial_complete(0, [], SimpleNamespace(config={"trial": {"key": key}}))
+    assert json.loads(stopped.stopped.read_text())["time"] > 0
+    assert failed_status(ctx.storage, stopped) == "KILLED"
+    assert not done.stopped.exists()                   # a finished trial is not marked
