@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import json
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,9 +43,16 @@ def stage_generator(spec: WorldSpec, stage: str) -> torch.Generator:
 
 @contextmanager
 def _lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path``; says so on stderr when it must wait for another process (a world
+    build can hold it for many minutes, and a silent wait looks like a hang)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that holds {path} (building or copying that world)",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
