@@ -7,6 +7,7 @@ Also the final table itself (``table``): every trial's final metrics and a line 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -140,6 +141,9 @@ def _noise_verdict(rows: list[dict]) -> list[str]:
     best, worst = min(pairs, key=lambda p: p[1]), max(pairs, key=lambda p: p[1])
     gap, noise = worst[1] - best[1], 2 * (best[2] ** 2 + worst[2] ** 2) ** 0.5
     verdict = ("larger than" if gap > noise else "NOT larger than")
+    seeds = {m.group(1) for r in rows if (m := re.search(r"\bseed=(\S+)", r["label"]))}
+    advice = ("Rows that differ only in their seed show the training-seed noise, which is not in it."
+              if len(seeds) > 1 else
+              "Training-seed noise is not in it: add `seed: {grid: [0, 1, 2]}` to the search to see it.")
     return ["", f"world-FID spread {gap:.3g} ({best[0]} best, {worst[0]} worst) is {verdict} twice "
-            f"its evaluation noise ({noise:.2g}; ± is a bootstrap SE over the evaluated images). "
-            "Training-seed noise is not in it: add `seed: {grid: [0, 1, 2]}` to the search to see it."]
+            f"its evaluation noise ({noise:.2g}; ± is a bootstrap SE over the evaluated images). " + advice]

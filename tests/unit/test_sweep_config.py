@@ -442,7 +442,10 @@ def test_results_table_shows_the_evaluation_noise_and_says_whether_trials_differ
     assert "40 ± 0.5" in apart and "is larger than twice" in apart and "(a best, b worst)" in apart
     close = _table([row("a", 40.0, 2.0), row("b", 42.0, 2.5)])
     assert "is NOT larger than twice its evaluation noise (6.4" in close
-    assert "Training-seed noise is not in it" in close
+    assert "Training-seed noise is not in it: add `seed:" in close
+    seeded = _table([{**row("a", 40.0, 2.0), "label": "soft_gan seed=0"},
+                     {**row("b", 42.0, 2.5), "label": "soft_gan seed=1"}])
+    assert "add `seed:" not in seeded and "differ only in their seed" in seeded
     assert "noise" not in _table([{"key": "a", "label": "a", "status": "DONE",
                                    "metrics": {"eval/world_fid": 40.0}}])
 
