@@ -57,7 +57,7 @@ def run_stage(spec: SweepSpec, trials: list, sweep_ctx, concurrent: int, progres
     trainable; -> one row per trial (key, label, status, final metrics, first error line)."""
     from ray import tune
 
-    from orchestrator.sweeping.pg_cleanup import OrphanGroupCleaner
+    from orchestrator.sweeping.pg_cleanup import OrphanGroupCleaner, remove_leftover_groups
     from orchestrator.sweeping.pool import EvalDispatch
     from orchestrator.sweeping.trial import StopMarker, train_driver
 
@@ -87,6 +87,7 @@ def run_stage(spec: SweepSpec, trials: list, sweep_ctx, concurrent: int, progres
             trial_dirname_creator=lambda t: t.config["trial"]["key"]),
         run_config=run_config)
     results = tuner.fit()
+    remove_leftover_groups()
     pull_trials(sweep_ctx)
     rows = []
     for result in results:

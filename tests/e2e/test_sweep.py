@@ -297,6 +297,27 @@ def test_asha_stops_trials_early_and_frees_their_resources(tmp_path, ray_session
     assert ray.available_resources().get("CPU", 0) == 2
 
 
+def test_a_stage_end_removes_the_placement_groups_this_job_still_holds(ray_session):
+    """A stopped trial's worker group may still be PENDING when the stage ends; granted later, it
+    would hold its CPUs for good. The stage's end removes created and pending groups alike."""
+    import ray
+    from ray.util import placement_group, placement_group_table
+
+    from orchestrator.sweeping.pg_cleanup import remove_leftover_groups
+
+    idle = placement_group([{"CPU": 1}])
+    ray.get(idle.ready(), timeout=60)                          # created, nothing in it
+    pending = placement_group([{"CPU": 64}])                   # more than the node has: pending
+    assert remove_leftover_groups(settle_s=1.0) >= 2
+    table = placement_group_table()
+    assert {table[g.id.hex()]["state"] for g in (idle, pending)} == {"REMOVED"}
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2
+    assert remove_leftover_groups(settle_s=0.5) == 0           # nothing left: nothing removed
+
+
 def test_evaluator_pool_requeues_the_checkpoint_of_a_dead_actor(tmp_path, ray_session, c2i_checkpoint):
     import ray
 
