@@ -285,7 +285,7 @@ def _close_stopped(rows: list[dict], uri: str, parent_id: str) -> None:
     if not stopped:
         return
     for run in tracking.children(uri, parent_id):
-        # a stop interrupts the trial's Train run, which may already have marked it FAILED
+        # the stopped trial ends its run KILLED itself (stopped.json) unless it died first
         if run.data.tags.get(tracking.TAG_TRIAL) in stopped and run.info.status != "KILLED":
             tracking.finish_run(uri, run.info.run_id, "KILLED")
 

@@ -38,6 +38,11 @@ def own_groups(live_only: bool = False) -> set[str] | None:
         return None
 
 
+def _remove(pg_id: str) -> None:
+    """Remove a placement group given its hex id (as the State API lists it)."""
+    remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+
+
 def remove_leftover_groups(settle_s: float = 5.0, timeout_s: float = 60.0) -> int:
     """After a stage's ``Tuner.fit``: every placement group this job still holds is left over.
 
@@ -56,7 +61,7 @@ def remove_leftover_groups(settle_s: float = 5.0, timeout_s: float = 60.0) -> in
         for pg_id in left - removed:
             log.warning("removing placement group %s, left by a stopped trial", pg_id)
             try:
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+                _remove(pg_id)
             except Exception as err:     # removed meanwhile by its owner
                 log.debug("placement group %s: %s", pg_id, err)
             removed.add(pg_id)
@@ -104,5 +109,5 @@ class OrphanGroupCleaner(tune.Callback):
             if now - since >= self.idle_s:
                 log.warning("removing placement group %s, unused for %.0f s (left by a stopped trial)",
                             pg_id, now - since)
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+                _remove(pg_id)
                 del self.first_idle[pg_id]
