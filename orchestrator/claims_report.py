@@ -1,7 +1,9 @@
 """The claims page from the claims sweeps' folders (``python -m orchestrator.report --claims`` and
-``python -m orchestrator.claims``): each trial's final evaluation, grouped by arm and seed, the
-teacher's references (evaluated once per sweep, cached), the page (``claims_page``), logged to every
-sweep's parent MLflow run under ``claims/``.
+``python -m orchestrator.claims``): each trial's mean over its evaluations in the second half of
+training (one run's world-FID swings tens of points between checkpoints 50 iterations apart,
+LOG.md 2026-12-07; the sweep's ``evaluation.late_checkpoints`` plans them), grouped by arm and
+seed, the teacher's references (evaluated once per sweep, cached), the page (``claims_page``),
+logged to every sweep's parent MLflow run under ``claims/``.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def teacher_references(layout, state: dict, progress: bool = False) -> dict:
 def gather(sweep_dirs: Sequence[Path], progress: bool = False):
     """-> (claims_page.Data, {track: source line}, [(tracking uri, sweep name)]) from sweep folders."""
     from orchestrator.claims_page import Data
-    from orchestrator.sweeping.layout import SweepLayout
+    from orchestrator.sweeping.layout import SweepLayout, second_half
 
     data, sources, parents = Data(), {}, []
     for folder in sweep_dirs:
@@ -79,7 +81,7 @@ def gather(sweep_dirs: Sequence[Path], progress: bool = False):
         if track is None:
             raise UserError(f"{folder}: the claims are about the embedded world; this sweep's teacher is {kind}")
         arms = data.arms.setdefault(track, {})
-        seeds = set()
+        seeds, counts = set(), set()
         for trial in state.get("students", []) + state["trials"]:
             arm = "student" if layout.is_student(trial["key"]) else trial["overrides"].get("arm")
             log = layout.trial(trial["key"]).eval_log
@@ -89,13 +91,17 @@ def gather(sweep_dirs: Sequence[Path], progress: bool = False):
             if not records:
                 continue
             seeds.add(trial["config"]["seed"])
-            final = max(records, key=lambda r: r["step"])["metrics"]
-            for metric, value in final.items():
-                arms.setdefault(arm, {}).setdefault(metric, []).append(float(value))
+            late = second_half(records)
+            counts.add(len(late))
+            for metric in late[-1]["metrics"]:
+                values = [float(r["metrics"][metric]) for r in late if metric in r["metrics"]]
+                arms.setdefault(arm, {}).setdefault(metric, []).append(sum(values) / len(values))
         data.seeds[track] = sorted(seeds)
         data.teacher[track] = teacher_references(layout, state, progress)
+        late = "–".join(str(n) for n in sorted({min(counts), max(counts)})) if counts else "0"
         sources[track] = f"sweep `{state['name']}` ({len(state['trials'])} trials, " \
-                         f"{len(state.get('students', []))} students)"
+                         f"{len(state.get('students', []))} students); a seed's value is the mean of " \
+                         f"its {late} evaluation(s) over the second half of training"
         parents.append((state.get("tracking_uri"), state["name"]))
     return data, sources, parents
 

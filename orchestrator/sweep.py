@@ -162,7 +162,8 @@ def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
                              cpus_per_worker=cpus_per_worker, gpus_per_worker=sc.gpus_per_worker,
                              threads_per_worker=threads_per_worker,
                              resources_per_worker=dict(sc.resources_per_worker)),
-        evaluation=EvalPlan(settings=eval_settings(ev), every_images=ev.every_images, actors=ev.actors,
+        evaluation=EvalPlan(settings=eval_settings(ev), every_images=ev.every_images,
+                            late_checkpoints=ev.late_checkpoints, actors=ev.actors,
                             cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor),
         storage=spec.storage)
 

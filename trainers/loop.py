@@ -35,7 +35,8 @@ class ResumeError(ValueError):
 
 @dataclass
 class Hooks:
-    """Callbacks out of the loop (a tracker or Ray Train plugs in here); all optional.
+    """Callbacks out of the loop (a tracker or Ray Train plugs in here), and the steps the caller
+    wants checkpointed besides ``train.checkpoint_every``'s; all optional.
 
     ``on_metrics``, ``on_checkpoint`` and ``on_grid`` run on rank 0 only. ``report`` runs on every
     rank at the same steps (each log step and each checkpoint step) with the rank-averaged metrics
@@ -47,6 +48,7 @@ class Hooks:
     on_checkpoint: Optional[Callable[[Path, dict], None]] = None
     on_grid: Optional[Callable[[Path, int], None]] = None
     report: Optional[Callable[[int, dict, Optional[Path]], None]] = None
+    checkpoint_at: frozenset = frozenset()   # steps checkpointed besides checkpoint_every's (evaluations)
 
 
 @dataclass
@@ -170,7 +172,8 @@ def train(cfg: Config, resolved: dict, resume: bool = False, hooks: Hooks | None
             raise FloatingPointError(f"step {st.step + 1}: {err}") from None
         metrics["images_seen"] = st.images_seen
         _check_finite(metrics, st.step, ctx.device)
-        save_now = st.step % t.checkpoint_every == 0 or st.step == t.steps
+        save_now = (st.step % t.checkpoint_every == 0 or st.step == t.steps
+                    or st.step in hooks.checkpoint_at)
         log_now = st.step % t.log_every == 0 or st.step == t.steps
         if log_now or save_now:
             metrics = dist.mean_metrics(metrics, ctx.device)

@@ -77,6 +77,8 @@ def check_file(f: SweepFile, source: str) -> None:
          f"must be >= 0, got {evaluation.num_images}"),
         ("evaluation.every_images", evaluation.every_images >= 0,
          f"must be >= 0, got {evaluation.every_images}"),
+        ("evaluation.late_checkpoints", evaluation.late_checkpoints >= 1,
+         f"must be >= 1 (1: the final checkpoint alone), got {evaluation.late_checkpoints}"),
         ("evaluation.temperatures", evaluation.temperatures and min(evaluation.temperatures) > 0,
          f"needs positive temperatures, got {evaluation.temperatures}"),
         ("evaluation.actors", evaluation.actors >= 1, f"must be >= 1, got {evaluation.actors}"),

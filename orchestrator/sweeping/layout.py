@@ -219,6 +219,7 @@ class EvalPlan:
     """The evaluator pool: what each actor computes (``settings``), how many, when."""
     settings: EvalSettings
     every_images: int
+    late_checkpoints: int
     actors: int
     cpus_per_actor: float
     gpus_per_actor: float
@@ -226,6 +227,24 @@ class EvalPlan:
     @property
     def enabled(self) -> bool:
         return bool(self.settings.metrics and self.settings.num_images)
+
+
+def late_steps(steps: int, count: int) -> list[int]:
+    """The steps of ``count`` checkpoints evenly spaced over the second half of a ``steps``-step
+    run, its midpoint and last step included (one: the last alone). 300, 4 -> [150, 200, 250, 300]."""
+    if count <= 1 or steps < 2:
+        return [steps]
+    span = steps // 2
+    return sorted({steps - round(i * span / (count - 1)) for i in range(count)})
+
+
+def second_half(records: list[dict]) -> list[dict]:
+    """The evaluation records (``{"step", "metrics"}``) of a run's second half, judged from its last
+    evaluated step; the records ``late_steps`` plans are exactly these."""
+    if not records:
+        return []
+    last = max(r["step"] for r in records)
+    return [r for r in records if r["step"] >= last - last // 2]
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,9 @@ class EvaluationSection:
     metrics: List[str] = field(default_factory=lambda: list(_EVAL.metrics))
     num_images: int = _EVAL.num_images
     every_images: int = 0                # 0: the final checkpoint only; else also every N images
+    # K > 1: also K - 1 checkpoints evenly spaced over the second half of each run (late_steps);
+    # one checkpoint of a short run is a noisy draw, the claims page judges on the late mean
+    late_checkpoints: int = 1
     temperatures: List[float] = field(default_factory=lambda: list(_EVAL.temperatures))   # the best one is reported
     seed: int = _EVAL.seed
     actors: int = 1
@@ -83,7 +86,7 @@ class EvaluationSection:
 
 # EvaluationSection field -> EvalSettings field where the names differ (the sweep file says weights)
 _RENAMED = {"weights": "paths"}
-_POOL_ONLY = ("every_images", "actors", "cpus_per_actor", "gpus_per_actor")
+_POOL_ONLY = ("every_images", "late_checkpoints", "actors", "cpus_per_actor", "gpus_per_actor")
 
 
 def eval_settings(section: EvaluationSection) -> EvalSettings:

@@ -163,7 +163,9 @@ def format_dry_run(spec: SweepSpec) -> str:
         f"asha (grace_period={sched.grace_period}, max_t={sched.max_t} images, "
         f"reduction_factor={sched.reduction_factor:g})")
     evaluation = "off" if not f.evaluation.metrics or not f.evaluation.num_images else (
-        f"{', '.join(f.evaluation.metrics)} on {f.evaluation.num_images} images at the end"
+        f"{', '.join(f.evaluation.metrics)} on {f.evaluation.num_images} images "
+        + (f"at {f.evaluation.late_checkpoints} checkpoints over the second half"
+           if f.evaluation.late_checkpoints > 1 else "at the end")
         + (f" and every {f.evaluation.every_images} images" if f.evaluation.every_images else ""))
     tt = f.evaluation.test_time
     if tt is not None and evaluation != "off":

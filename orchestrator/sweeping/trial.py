@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
-from orchestrator.sweeping.layout import SweepContext, TrialLayout, TrialSpec
+from orchestrator.sweeping.layout import SweepContext, TrialLayout, TrialSpec, late_steps
 from orchestrator.sweeping.storage import Storage
 from softdimo.world.layout import resolve_spec as resolve_world
 
@@ -107,12 +107,13 @@ def train_worker(loop_config: dict) -> None:
     _announce_world_build(cfg, key, rank, tracker)
     ctx = build_context(cfg, progress=False, reward_factory=reward_factory)
     last_eval = {"images": 0}
+    late = set(late_steps(cfg.train.steps, evaluation.late_checkpoints))   # the last step among them
 
     def report(step: int, metrics: dict, saved: Path | None) -> None:
         metrics = {**metrics, "step": step}
         if saved is not None and evaluation.enabled:
             every = evaluation.every_images
-            due = step == cfg.train.steps or (every and metrics["images_seen"] - last_eval["images"] >= every)
+            due = step in late or (every and metrics["images_seen"] - last_eval["images"] >= every)
             if due:
                 # the EMA weights and meta of this step, kept for the evaluator pool (Ray moves
                 # and prunes the full checkpoint); the sweep's Tune callback submits it
@@ -129,7 +130,7 @@ def train_worker(loop_config: dict) -> None:
                          checkpoint_dir_name=saved.name if saved is not None else None,
                          delete_local_checkpoint_after_upload=True if saved is not None else None)
 
-    hooks = Hooks(report=report)
+    hooks = Hooks(report=report, checkpoint_at=frozenset(late) if evaluation.enabled else frozenset())
     if tracker is not None:
         hooks.on_metrics = tracker.log_metrics
         hooks.on_grid = lambda path, step: tracker.log_image(path, "samples", step)

@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator import claims, tracking
 from orchestrator.claims_page import CLAIMS, NOT_REPRODUCED, REPRODUCED, TOO_FEW, WITHIN_NOISE
+from orchestrator.sweeping.layout import SweepLayout
 from tests.e2e.test_sweep import ray_session  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -14,7 +15,7 @@ VERDICTS = (REPRODUCED, NOT_REPRODUCED, WITHIN_NOISE, TOO_FEW)
 
 def test_the_claims_command_renders_every_claim_with_its_seeds(tmp_path, ray_session):
     out = tmp_path / "page"
-    args = ["world.spec=test", "train.steps=1", "sweep.student.overrides.train.steps=1",
+    args = ["world.spec=test", "train.steps=2", "sweep.student.overrides.train.steps=1",
             "train.checkpoint_every=1", "train.log_every=1", "train.grid_size=4", "train.batch_size=8",
             "sweep.search.seed={grid: [0, 1]}", "sweep.evaluation.num_images=16",
             "sweep.evaluation.cpus_per_actor=0.25", "sweep.evaluation.geneval_prompts_per_task=1",
@@ -32,6 +33,12 @@ def test_the_claims_command_renders_every_claim_with_its_seeds(tmp_path, ray_ses
             assert "teacher, 16 steps" in section
     assert page.count("(seeds 0, 1)") == 2 and "python -m orchestrator.claims world.spec=test" in page
     for name in ("claims_c2i", "claims_t2i"):
+        # the late checkpoints the files ask for: each arm's two steps (one for the 1-step students)
+        state = json.loads((tmp_path / name / "sweep.json").read_text())
+        for trial in state["trials"] + state["students"]:
+            log = SweepLayout(tmp_path / name).trial(trial["key"]).eval_log
+            steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+            assert sorted(steps) == ([1] if trial in state["students"] else [1, 2]), (name, trial["key"])
         refs = json.loads((tmp_path / name / "teacher.json").read_text())["steps"]
         assert set(refs) == {"1", "16"}
         uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -108,14 +108,15 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
         layout.trial(t["key"]).root.mkdir(parents=True)
         layout.trial(t["key"]).eval_log.write_text("".join(
             json.dumps({"step": s, "checkpoint": "x", "metrics": {"eval/world_fid": 10.0 * i + s}}) + "\n"
-            for s in (2, 1)))                                       # the latest step counts
+            for s in (4, 1, 2, 3)))                 # the second half's mean: steps 2, 3, 4 -> 10 i + 3
     key = {"evaluation": evaluation, "teacher": config["teacher"], "world": config["world"],
            "steps": list(TEACHER_STEPS)}
     layout.teacher_refs.write_text(json.dumps({"key": key, "steps": {"1": {"eval/world_fid": 300.0},
                                                                       "16": {"eval/world_fid": 9.0}}}))
     data, sources, parents = gather([layout.root])
-    assert data.arms["c2i"] == {"student": {"eval/world_fid": [2.0]}, "soft_gan": {"eval/world_fid": [12.0, 22.0]},
-                                "dimo_only": {"eval/world_fid": [32.0]}}
+    assert data.arms["c2i"] == {"student": {"eval/world_fid": [3.0]}, "soft_gan": {"eval/world_fid": [13.0, 23.0]},
+                                "dimo_only": {"eval/world_fid": [33.0]}}
+    assert "the mean of its 3 evaluation(s) over the second half" in sources["c2i"]
     assert data.seeds["c2i"] == [0, 1] and data.teacher["c2i"][16]["eval/world_fid"] == 9.0
     assert "claims_c2i" in sources["c2i"] and parents == [(None, "claims_c2i")]
     out = tmp_path / "page"

@@ -163,3 +163,30 @@ def test_a_trial_the_scheduler_stops_ends_killed_not_failed(tmp_path):
     assert json.loads(stopped.stopped.read_text())["time"] > 0
     assert failed_status(ctx.storage, stopped) == "KILLED"
     assert not done.stopped.exists()                   # a finished trial is not marked
+
+
+@pytest.mark.parametrize("steps, count, expected", [
+    (300, 4, [150, 200, 250, 300]), (800, 4, [400, 533, 667, 800]), (300, 1, [300]),
+    (5, 3, [3, 4, 5]), (2, 4, [1, 2]), (1, 4, [1])])
+def test_late_steps_spread_the_evaluations_over_the_second_half(steps, count, expected):
+    from orchestrator.sweeping.layout import late_steps, second_half
+    assert late_steps(steps, count) == expected
+    # the report's second half of a run evaluated at those steps (and some earlier) is exactly them
+    records = [{"step": s} for s in sorted(set(range(1, steps // 2)) | set(expected))]
+    assert [r["step"] for r in second_half(records)] == expected
+
+
+def test_the_loop_checkpoints_and_reports_at_the_callers_extra_steps(test_world, tmp_path):
+    """Hooks.checkpoint_at: a checkpoint (and a report with it) at the asked steps, besides
+    train.checkpoint_every's; that is what lets a sweep evaluate its late checkpoints."""
+    from orchestrator.config import load_config, to_dict
+    from trainers.loop import Hooks, train
+
+    cfg = load_config(ROOT / "sweeps/presets/tiny_c2i.yaml",
+                      ["world.spec=test", "train.steps=4", "train.batch_size=8", "train.grid_size=4",
+                       "train.checkpoint_every=100", "train.log_every=100", "train.keep_checkpoints=5",
+                       f"output_dir={tmp_path}", "train.device=cpu"])
+    saved = {}
+    hooks = Hooks(report=lambda step, metrics, path: saved.setdefault(step, path), checkpoint_at=frozenset({2}))
+    train(cfg, to_dict(cfg), hooks=hooks, progress=False)
+    assert sorted(saved) == [2, 4] and all(p is not None and p.is_dir() for p in saved.values())

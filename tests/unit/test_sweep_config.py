@@ -259,6 +259,7 @@ ERRORS = [  # (sweep file body after name/preset, overrides, what the message mu
     ("evaluation: {metrics: [world_fid, fidd]}\n", [], "evaluation.metrics"),
     ("evaluation: {temperatures: [1.0, 0]}\n", [], "evaluation.temperatures: needs positive"),
     ("evaluation: {actors: 0}\n", [], "evaluation.actors: must be >= 1"),
+    ("evaluation: {late_checkpoints: 0}\n", [], "evaluation.late_checkpoints: must be >= 1"),
     ("evaluation: {metrics: [prdc]}\nmetric: eval/precision\nmode: max\n", [], None),
     ("evaluation: {num_images: -1}\n", [], "evaluation.num_images: must be >= 0"),
     ("evaluation: {num_images: 0}\n", [], "metric: eval/world_fid is never computed"),
