@@ -140,10 +140,12 @@ def combine(verdicts: Sequence[str]) -> str:
 @dataclass
 class Data:
     """arms[track][arm][metric] -> per-seed values; teacher[track][steps][metric] -> value (and
-    metric + "_se"); seeds[track] the seeds run."""
+    metric + "_se"); seeds[track] the seeds run; curves[track][arm][metric][step] -> the per-seed
+    values evaluated at that training step (the runs' trajectories, shown beside the verdicts)."""
     arms: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)
     seeds: dict = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)
 
     def stats(self, track: str, arm: str, metric: str) -> Stats:
         return Stats(list(self.arms.get(track, {}).get(arm, {}).get(metric, [])))
@@ -253,6 +255,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["---"] * len(header))] + [line(r) for r in rows]
 
 
+def _curve_table(claim: Claim, data: Data, arms: list[str]) -> list[str]:
+    """The claim's first metric at every evaluated step, mean over seeds, when the runs were
+    evaluated more than once: how far one checkpoint moves from the next."""
+    metric = _claim_metrics(claim)[0]
+    curves = {a: data.curves.get(claim.track, {}).get(a, {}).get(metric, {}) for a in arms}
+    steps = sorted({s for c in curves.values() for s in c})
+    if len(steps) < 2:
+        return []
+    rows = [[ARM_LABELS.get(a, a) + f" (`{a}`)"]
+            + [_num(sum(c[s]) / len(c[s])) if c.get(s) else "—" for s in steps] for a, c in curves.items()]
+    return ["", f"{metric} at each evaluated training step, mean over seeds (the verdicts use each "
+            "seed's mean over the second half):", ""] + _table(["arm"] + [f"step {s}" for s in steps], rows)
+
+
 def render(data: Data, out: Path, command: str, commit: str, sources: dict[str, str],
            claims: Sequence[Claim] = CLAIMS) -> tuple[list[Path], str, dict[str, str]]:
     """Write claims.md and one PNG per claim to ``out``; -> (files, the page, claim -> verdict).
@@ -281,6 +297,7 @@ def render(data: Data, out: Path, command: str, commit: str, sources: dict[str, 
         lines += _table(["arm"] + [f"{m} (mean ± std over seeds)" for m in metrics], rows) + [""]
         lines += _table(["check", "d", "2·SE", "verdict"],
                         [[r.describe(), _num(r.d), _num(2 * r.se), r.verdict] for r in results[claim.key]])
+        lines += _curve_table(claim, data, arms=_claim_arms(claim))
         if claim.key == "d":
             order = sorted((data.stats(claim.track, a, FID).mean, a) for a in ("mask_0", "soft_gan", "mask_095")
                            if data.stats(claim.track, a, FID).values)

@@ -91,6 +91,10 @@ def gather(sweep_dirs: Sequence[Path], progress: bool = False):
             if not records:
                 continue
             seeds.add(trial["config"]["seed"])
+            curves = data.curves.setdefault(track, {}).setdefault(arm, {})
+            for r in records:
+                for metric, value in r["metrics"].items():
+                    curves.setdefault(metric, {}).setdefault(r["step"], []).append(float(value))
             late = second_half(records)
             counts.add(len(late))
             for metric in late[-1]["metrics"]:

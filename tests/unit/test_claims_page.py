@@ -79,7 +79,7 @@ def test_render_writes_every_claim_with_its_paper_reference_command_and_commit(t
         assert (tmp_path / f"claim_{claim.key}.png").stat().st_size > 1000
     assert "`python -m orchestrator.claims x=1`" in page and "`abc123`" in page and RULE in page
     assert all(verdicts[c.key] == TOO_FEW for c in CLAIMS if c.track == missing)
-    assert "seeds 0, 1, 2" in page
+    assert "seeds 0, 1, 2" in page and "at each evaluated training step" not in page   # one step each
     if missing == "t2i":
         assert "[0, 0.95] (10) < [0, 0.5] (20) < [0, 0] (30)" in page      # claim d's order
         assert "| **reproduced** |" in page and "(n=3)" in page
@@ -117,10 +117,15 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
     assert data.arms["c2i"] == {"student": {"eval/world_fid": [3.0]}, "soft_gan": {"eval/world_fid": [13.0, 23.0]},
                                 "dimo_only": {"eval/world_fid": [33.0]}}
     assert "the mean of its 3 evaluation(s) over the second half" in sources["c2i"]
+    assert data.curves["c2i"]["soft_gan"]["eval/world_fid"] == {s: [10.0 + s, 20.0 + s] for s in (1, 2, 3, 4)}
     assert data.seeds["c2i"] == [0, 1] and data.teacher["c2i"][16]["eval/world_fid"] == 9.0
     assert "claims_c2i" in sources["c2i"] and parents == [(None, "claims_c2i")]
     out = tmp_path / "page"
     assert report.main(["--claims", str(layout.root), "--out", str(out)]) == 0
-    assert "| b | " in (out / "claims.md").read_text()
+    page = (out / "claims.md").read_text()
+    assert "| b | " in page
+    # claim b's trajectories: soft_gan's mean over seeds 0 and 1 at steps 1..4, dimo_only's one seed
+    assert "| arm | step 1 | step 2 | step 3 | step 4 |" in page
+    assert "(`soft_gan`) | 16 | 17 | 18 | 19 |" in page and "(`dimo_only`) | 31 | 32 | 33 | 34 |" in page
     with pytest.raises(UserError, match="not a sweep folder"):
         gather([tmp_path / "nothing"])
