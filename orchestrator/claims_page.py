@@ -173,7 +173,7 @@ class CheckResult:
 
     def describe(self) -> str:
         c, r = self.check, self.check.ref
-        what = (f"the 16-step teacher" if r.kind == "teacher" and r.name == 16 else
+        what = ("the 16-step teacher" if r.kind == "teacher" and r.name == 16 else
                 f"the {r.name}-step teacher" if r.kind == "teacher" else ARM_LABELS.get(r.name, r.name))
         factor = f"{r.factor:g}× " if r.factor != 1 else ""
         sign = "higher" if c.higher_is_better else "lower"

@@ -40,7 +40,8 @@ from typing import Sequence
 from orchestrator.config import UserError, run_cli
 from orchestrator.sweeping.layout import SweepLayout
 from orchestrator.sweeping.resources import plan_resources
-from orchestrator.sweeping.spec import SweepSpec, check_eval_weights, format_dry_run, load_sweep
+from orchestrator.sweeping.dry_run import format_dry_run
+from orchestrator.sweeping.spec import SweepSpec, check_eval_weights, load_sweep
 from orchestrator.sweeping.schema import eval_settings
 from orchestrator.sweeping.stages import pull_trials, remove, run_stage, table as results_table
 

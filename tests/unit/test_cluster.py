@@ -9,7 +9,8 @@ import ray.util
 
 from orchestrator.config import UserError
 from orchestrator.sweeping import cluster
-from orchestrator.sweeping.spec import format_dry_run, load_sweep
+from orchestrator.sweeping.dry_run import format_dry_run
+from orchestrator.sweeping.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 

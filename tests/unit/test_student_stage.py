@@ -5,7 +5,7 @@ import pytest
 
 from orchestrator.config import UserError
 from orchestrator.sweep import plan_resources
-from orchestrator.sweeping.spec import format_dry_run
+from orchestrator.sweeping.dry_run import format_dry_run
 from tests.unit.test_sweep_config import load
 
 TWO_STAGE = """student: {overrides: {gan.weight: 0, train.steps: 15}}

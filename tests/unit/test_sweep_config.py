@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from orchestrator.config import UserError
-from orchestrator.sweeping.spec import SweepFile, SweepSpec, Trial, format_dry_run, load_sweep
+from orchestrator.sweeping.dry_run import format_dry_run
+from orchestrator.sweeping.spec import SweepFile, SweepSpec, Trial, load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 C2I = ROOT / "sweeps" / "presets" / "tiny_c2i.yaml"
