@@ -102,10 +102,10 @@ def gather(sweep_dirs: Sequence[Path], progress: bool = False):
                 arms.setdefault(arm, {}).setdefault(metric, []).append(sum(values) / len(values))
         data.seeds[track] = sorted(seeds)
         data.teacher[track] = teacher_references(layout, state, progress)
-        late = "–".join(str(n) for n in sorted({min(counts), max(counts)})) if counts else "0"
+        n_late = "–".join(str(n) for n in sorted({min(counts), max(counts)})) if counts else "0"
         sources[track] = f"sweep `{state['name']}` ({len(state['trials'])} trials, " \
                          f"{len(state.get('students', []))} students); a seed's value is the mean of " \
-                         f"its {late} evaluation(s) over the second half of training"
+                         f"its {n_late} evaluation(s) over the second half of training"
         parents.append((state.get("tracking_uri"), state["name"]))
     return data, sources, parents
 
