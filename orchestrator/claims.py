@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator.claims_report import ROOT, commit, report
+from orchestrator.claims_report import report
 from orchestrator.config import run_cli
+from orchestrator.source import ROOT, commit
 
 FILES = (ROOT / "sweeps/claims/c2i.yaml", ROOT / "sweeps/claims/t2i.yaml")
 

@@ -8,27 +8,14 @@ logged to every sweep's parent MLflow run under ``claims/``.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from orchestrator.config import UserError
+from orchestrator.source import commit
 
-ROOT = Path(__file__).resolve().parents[1]
 TEACHER_STEPS = (1, 16)      # the references: the teacher's one-step and 16-step CFG sampling
-
-
-def commit() -> str:
-    """The checkout's commit (with "+changes" when the tree differs from it), or "unknown"."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+changes" if dirty else "")
 
 
 def teacher_references(layout, state: dict, progress: bool = False) -> dict:
@@ -100,14 +87,23 @@ def gather(sweep_dirs: Sequence[Path], progress: bool = False):
             for metric in late[-1]["metrics"]:
                 values = [float(r["metrics"][metric]) for r in late if metric in r["metrics"]]
                 arms.setdefault(arm, {}).setdefault(metric, []).append(sum(values) / len(values))
-        data.seeds[track] = sorted(seeds)
+        data.seeds[track] = sorted(set(data.seeds.get(track, [])) | seeds)   # a track may span folders
         data.teacher[track] = teacher_references(layout, state, progress)
         n_late = "–".join(str(n) for n in sorted({min(counts), max(counts)})) if counts else "0"
-        sources[track] = f"sweep `{state['name']}` ({len(state['trials'])} trials, " \
-                         f"{len(state.get('students', []))} students); a seed's value is the mean of " \
-                         f"its {n_late} evaluation(s) over the second half of training"
+        line = (f"sweep `{state['name']}` ({len(state['trials'])} trials, "
+                f"{len(state.get('students', []))} students); a seed's value is the mean of its "
+                f"{n_late} evaluation(s) over the second half of training; trained on {_commits(state)}")
+        sources[track] = f"{sources[track]}; {line}" if track in sources else line
         parents.append((state.get("tracking_uri"), state["name"]))
     return data, sources, parents
+
+
+def _commits(state: dict) -> str:
+    """The commits a sweep's runs ran on (sweep.json's ``commits``, oldest first)."""
+    commits = state.get("commits") or []
+    if not commits:
+        return "a commit the sweep did not record (it predates the record)"
+    return ", then ".join(f"`{c}`" for c in commits)
 
 
 def report(sweep_dirs: Sequence[Path], out: Path, command: str, commit_id: str | None,

@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from orchestrator import source
 from orchestrator.config import UserError, run_cli
 from orchestrator.sweeping.layout import SweepLayout
 from orchestrator.sweeping.resources import plan_resources
@@ -115,7 +116,7 @@ def _check_folder(spec: SweepSpec, args) -> None:
         remove(spec.sweep_dir)
 
 
-def _start_tracking(spec: SweepSpec, address: str | None):
+def _start_tracking(spec: SweepSpec, address: str | None, commit: str):
     """-> (uri for trials, uri to read the store later, experiment id, parent id, server or None).
 
     Ray is up: on a cluster the server listens on this node's address (orchestrator.sweeping.cluster)."""
@@ -146,12 +147,12 @@ def _start_tracking(spec: SweepSpec, address: str | None):
     parent_id = tracking.get_or_create_parent(
         uri, experiment_id, spec.file.name,
         tags={"softdimo.preset": spec.preset, "softdimo.sweep_file": str(Path(spec.source).resolve()),
-              "softdimo.trials": str(len(spec.trials))})
+              "softdimo.trials": str(len(spec.trials)), source.TAG_COMMIT: commit})
     return uri, read_uri, experiment_id, parent_id, server
 
 
 def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
-                  cpus_per_worker: float, threads_per_worker: int):
+                  cpus_per_worker: float, threads_per_worker: int, commit: str = "unknown"):
     """The frozen context every trial and the evaluator pool get (CPU share from plan_resources)."""
     from orchestrator.sweeping.layout import EvalPlan, SweepContext, TrialScaling
 
@@ -166,7 +167,7 @@ def sweep_context(spec: SweepSpec, uri: str, experiment_id: str, parent_id: str,
         evaluation=EvalPlan(settings=eval_settings(ev), every_images=ev.every_images,
                             late_checkpoints=ev.late_checkpoints, actors=ev.actors,
                             cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor),
-        storage=spec.storage)
+        storage=spec.storage, commit=commit)
 
 
 def run_sweep(spec: SweepSpec, args) -> int:
@@ -192,7 +193,10 @@ def run_sweep(spec: SweepSpec, args) -> int:
                  include_dashboard=True)   # Train's placement-group cleaner needs the State API
     # after Ray: the server's address depends on whether other nodes run trials
     storage.push(layout.marker)
-    uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec, address)
+    commit = source.commit()
+    # a resumed sweep keeps the commits its trials ran on before (the resume check read the state)
+    earlier = json.loads(layout.state.read_text()).get("commits", []) if args.resume else []
+    uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec, address, commit)
     if server is not None:
         layout.server.write_text(json.dumps(
             {"uri": server.uri, "store": str(server.store), "watchdog_pid": server.process.pid,
@@ -200,6 +204,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
     try:
         state = spec.to_json()
         state["tracking_uri"] = read_uri
+        state["commits"] = source.history(earlier, commit)
         layout.state.write_text(json.dumps(state, indent=2))
         storage.push(layout.state)
         parent = tracking.Tracker(uri, parent_id, layout.parent_spool)
@@ -207,7 +212,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
         pool, rows, blocked = None, [], False
         for trials in spec.stages():
             concurrent, per_worker, threads = plan_resources(spec, ray.cluster_resources(), len(trials))
-            sweep_ctx = sweep_context(spec, uri, experiment_id, parent_id, per_worker, threads)
+            sweep_ctx = sweep_context(spec, uri, experiment_id, parent_id, per_worker, threads, commit)
             students = trials is spec.students
             if progress:
                 print(f"{spec.file.name}: {len(trials)} {'student' if students else 'trial'}(s), up to "

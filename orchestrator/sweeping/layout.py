@@ -259,6 +259,7 @@ class SweepContext:
     max_failures: int
     evaluation: EvalPlan
     storage: Storage
+    commit: str = "unknown"      # the driver's checkout (orchestrator.source), tagged on every run
 
     def trial(self, key: str) -> TrialLayout:
         return self.layout.trial(key)

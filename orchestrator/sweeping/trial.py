@@ -25,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
+from orchestrator.source import TAG_COMMIT
 from orchestrator.sweeping.layout import SweepContext, TrialLayout, TrialSpec, late_steps
 from orchestrator.sweeping.storage import Storage
 from softdimo.world.layout import resolve_spec as resolve_world
@@ -288,7 +289,8 @@ def train_driver(config: dict, sweep: SweepContext) -> None:
     run_id = tracking.get_or_create_child(
         uri, sweep.experiment_id, sweep.parent_id, sweep.name, key, _run_name(trial),
         _params(trial, sweep), tags={tracking.TAG_RAY_TRIAL: ray.tune.get_context().get_trial_id(),
-                                     tracking.TAG_STAGE: "student" if sweep.layout.is_student(key) else "search"})
+                                     tracking.TAG_STAGE: "student" if sweep.layout.is_student(key) else "search",
+                                     TAG_COMMIT: sweep.commit})
     files.root.mkdir(parents=True, exist_ok=True)
     import yaml
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import sweep, tracking
+from orchestrator import source, sweep, tracking
 from orchestrator.config import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,12 +155,18 @@ def test_default_tracking_server_resume_and_report(tmp_path, ray_session):
     assert {"config.yaml", "images"} <= artifacts
     assert Path(run.data.tags["checkpoint.final"]).name == "step_00000002"
     attempts = {k: (tmp_path / "gan_mask/trials" / k / "attempts.jsonl").read_text() for k in ("t000", "t001", "t002")}
+    # which code ran: the sweep's state and every run carry the checkout's commit
+    here = source.commit()
+    assert json.loads((tmp_path / "gan_mask/sweep.json").read_text())["commits"] == [here]
+    parent = tracking.find_parent(uri, "softdimo", "gan_mask")
+    assert {r.data.tags[source.TAG_COMMIT] for r in runs + [parent]} == {here}
 
     with pytest.raises(UserError, match="already exists"):
         sweep.main(args)
     assert sweep.main(args + ["--resume"]) == 0
     again = mlflow_children(uri, "gan_mask")
     assert [r.info.run_id for r in again] == [r.info.run_id for r in runs]   # no duplicates
+    assert json.loads((tmp_path / "gan_mask/sweep.json").read_text())["commits"] == [here]  # same code
     for k, text in attempts.items():                                         # nothing retrained
         assert (tmp_path / "gan_mask/trials" / k / "attempts.jsonl").read_text() == text
 

@@ -1,5 +1,6 @@
 """The claims page from plain numbers: the verdict rule (every outcome), claims, and the rendering."""
 import math
+import shutil
 
 import pytest
 
@@ -103,7 +104,7 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
     evaluation = {"metrics": ["world_fid"]}
     layout.root.mkdir(parents=True)
     layout.state.write_text(json.dumps({"name": "claims_c2i", "file": {"evaluation": evaluation},
-                                        "trials": trials, "students": students}))
+                                        "trials": trials, "students": students, "commits": ["abc", "def"]}))
     for i, t in enumerate(students + trials):
         layout.trial(t["key"]).root.mkdir(parents=True)
         layout.trial(t["key"]).eval_log.write_text("".join(
@@ -120,6 +121,21 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
     assert data.curves["c2i"]["soft_gan"]["eval/world_fid"] == {s: [10.0 + s, 20.0 + s] for s in (1, 2, 3, 4)}
     assert data.seeds["c2i"] == [0, 1] and data.teacher["c2i"][16]["eval/world_fid"] == 9.0
     assert "claims_c2i" in sources["c2i"] and parents == [(None, "claims_c2i")]
+    assert "trained on `abc`, then `def`" in sources["c2i"]
+
+    # more seeds in a second folder of the same track: seeds and values add up, both are sources
+    more = SweepLayout(tmp_path / "claims_c2i_more")
+    shutil.copytree(layout.root, more.root)
+    state = json.loads(more.state.read_text())
+    for t in state["trials"] + state["students"]:
+        t["config"]["seed"] += 2
+    del state["commits"]
+    more.state.write_text(json.dumps({**state, "name": "claims_c2i_more"}))
+    data, sources, _ = gather([layout.root, more.root])
+    assert data.seeds["c2i"] == [0, 1, 2, 3]
+    assert data.arms["c2i"]["soft_gan"]["eval/world_fid"] == [13.0, 23.0, 13.0, 23.0]
+    assert "`claims_c2i`" in sources["c2i"] and "`claims_c2i_more`" in sources["c2i"]
+    assert "a commit the sweep did not record" in sources["c2i"]
     out = tmp_path / "page"
     assert report.main(["--claims", str(layout.root), "--out", str(out)]) == 0
     page = (out / "claims.md").read_text()
