@@ -87,7 +87,11 @@ def gather(sweep_dirs: Sequence[Path], progress: bool = False):
             for metric in late[-1]["metrics"]:
                 values = [float(r["metrics"][metric]) for r in late if metric in r["metrics"]]
                 arms.setdefault(arm, {}).setdefault(metric, []).append(sum(values) / len(values))
-        data.seeds[track] = sorted(set(data.seeds.get(track, [])) | seeds)   # a track may span folders
+        twice = seeds & set(data.seeds.get(track, []))
+        if twice:     # a track may span folders (more seeds in another sweep), a seed only one
+            raise UserError(f"{folder}: seed {min(twice)} of the {track} claims is also in an earlier "
+                            "folder; give each sweep folder once, with seeds of its own")
+        data.seeds[track] = sorted(set(data.seeds.get(track, [])) | seeds)
         data.teacher[track] = teacher_references(layout, state, progress)
         n_late = "–".join(str(n) for n in sorted({min(counts), max(counts)})) if counts else "0"
         line = (f"sweep `{state['name']}` ({len(state['trials'])} trials, "

@@ -136,6 +136,8 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
     assert data.arms["c2i"]["soft_gan"]["eval/world_fid"] == [13.0, 23.0, 13.0, 23.0]
     assert "`claims_c2i`" in sources["c2i"] and "`claims_c2i_more`" in sources["c2i"]
     assert "a commit the sweep did not record" in sources["c2i"]
+    with pytest.raises(UserError, match="seed 0 of the c2i claims is also in an earlier folder"):
+        gather([layout.root, more.root, layout.root])
     out = tmp_path / "page"
     assert report.main(["--claims", str(layout.root), "--out", str(out)]) == 0
     page = (out / "claims.md").read_text()
