@@ -47,11 +47,14 @@ WEIGHTS_NEEDED = {
 }
 
 
-def _geneval_values(name: str, summary: dict) -> dict:
-    """overall as <name>, each task as <name>/<task> (GenEval's six task scores)."""
-    from evaluators.geneval.official import TASKS
+def _geneval_values(name: str, rows: list) -> dict:
+    """GenEval's results rows -> overall as <name>, its bootstrap SE over prompts as <name>_se (a
+    single evaluation's noise, as world_fid_se), each task as <name>/<task> (the six task scores)."""
+    from evaluators.geneval.official import TASKS, summarise
+    from evaluators.geneval.results import overall_se
 
-    out = {name: float(summary["overall"])}
+    summary = summarise(rows)
+    out = {name: float(summary["overall"]), f"{name}_se": overall_se(rows)}
     out.update({f"{name}/{task}": float(summary[task]) for task in TASKS if task in summary})
     return out
 
@@ -342,20 +345,20 @@ class Evaluator:
         return clean_fid.fid30k(images_u8, self.settings.reference, net, self.device, stats)
 
     def _geneval_world(self, student: Student, temperature: float) -> dict:
-        from evaluators.geneval.world import score_world_images, world_metadata
+        from evaluators.geneval.world import evaluate_world_images, world_metadata
 
         if student.track != "t2i":
             raise ValueError("geneval_world needs a text-to-image checkpoint")
         meta = world_metadata(student.world, self.settings.geneval_prompts_per_task, self.settings.seed)
         prompts = [m["prompt"] for m in meta for _ in range(self.settings.images_per_prompt)]
         images = to_uint8(self.generate(student, prompts, temperature))
-        summary = score_world_images(meta, images, self.settings.images_per_prompt)
-        return _geneval_values("geneval_world", summary)
+        return _geneval_values("geneval_world",
+                               evaluate_world_images(meta, images, self.settings.images_per_prompt))
 
     def _geneval_official(self, student: Student, temperature: float) -> dict:
         """GenEval on the official metadata, detected by the HF Mask2Former (not mmdet: labelled)."""
         from evaluators.geneval.detectors import Mask2FormerDetector
-        from evaluators.geneval.official import ClipColourClassifier, evaluate_images, load_metadata, summarise
+        from evaluators.geneval.official import ClipColourClassifier, evaluate_images, load_metadata
 
         if student.track != "t2i":
             raise ValueError("geneval needs a text-to-image checkpoint")
@@ -373,7 +376,7 @@ class Evaluator:
             from evaluators.geneval.results import write_results
 
             write_results(rows, self.settings.geneval_results)
-        return _geneval_values("geneval", summarise(rows))
+        return _geneval_values("geneval", rows)
 
     def evaluate_teacher(self, cfg, steps: int, guidance: float | None = None) -> dict:
         """The same metrics for the teacher of config ``cfg`` sampled with its own multi-step

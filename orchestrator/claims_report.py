@@ -16,6 +16,7 @@ from orchestrator.config import UserError
 from orchestrator.source import commit
 
 TEACHER_STEPS = (1, 16)      # the references: the teacher's one-step and 16-step CFG sampling
+REFS_VERSION = 2             # part of the references' cache key; 2: GenEval scores carry their SE
 
 
 def teacher_references(layout, state: dict, progress: bool = False) -> dict:
@@ -31,7 +32,8 @@ def teacher_references(layout, state: dict, progress: bool = False) -> dict:
 
     evaluation = dict(state["file"]["evaluation"])
     key = {"evaluation": evaluation, "teacher": state["trials"][0]["config"]["teacher"],
-           "world": state["trials"][0]["config"]["world"], "steps": list(TEACHER_STEPS)}
+           "world": state["trials"][0]["config"]["world"], "steps": list(TEACHER_STEPS),
+           "version": REFS_VERSION}
     if layout.teacher_refs.is_file():
         cached = json.loads(layout.teacher_refs.read_text())
         if cached.get("key") == key:
@@ -96,18 +98,21 @@ def gather(sweep_dirs: Sequence[Path], progress: bool = False):
         n_late = "–".join(str(n) for n in sorted({min(counts), max(counts)})) if counts else "0"
         line = (f"sweep `{state['name']}` ({len(state['trials'])} trials, "
                 f"{len(state.get('students', []))} students); a seed's value is the mean of its "
-                f"{n_late} evaluation(s) over the second half of training; trained on {_commits(state)}")
+                f"{n_late} evaluation(s) over the second half of training; {_commits(state)}")
         sources[track] = f"{sources[track]}; {line}" if track in sources else line
         parents.append((state.get("tracking_uri"), state["name"]))
     return data, sources, parents
 
 
 def _commits(state: dict) -> str:
-    """The commits a sweep's runs ran on (sweep.json's ``commits``, oldest first)."""
-    commits = state.get("commits") or []
-    if not commits:
-        return "a commit the sweep did not record (it predates the record)"
-    return ", then ".join(f"`{c}`" for c in commits)
+    """Where a sweep's runs ran: its first commit, then those it was resumed on (sweep.json's
+    ``commits``, oldest first)."""
+    from orchestrator.source import UNRECORDED
+
+    names = ["an unrecorded commit" if c == UNRECORDED else f"`{c}`" for c in state.get("commits") or []]
+    if not names:
+        return "run on an unrecorded commit"
+    return f"run on {names[0]}" + "".join(f", resumed on {n}" for n in names[1:])
 
 
 def report(sweep_dirs: Sequence[Path], out: Path, command: str, commit_id: str | None,

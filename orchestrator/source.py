@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG_COMMIT = "mlflow.source.git.commit"    # MLflow's own key: the UI shows it as the run's git commit
+UNRECORDED = "unrecorded"     # the first run of a sweep whose state predates the record
 
 
 def commit(root: Path = ROOT) -> str:

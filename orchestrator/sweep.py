@@ -195,7 +195,7 @@ def run_sweep(spec: SweepSpec, args) -> int:
     storage.push(layout.marker)
     commit = source.commit()
     # a resumed sweep keeps the commits its trials ran on before (the resume check read the state)
-    earlier = json.loads(layout.state.read_text()).get("commits", []) if args.resume else []
+    earlier = json.loads(layout.state.read_text()).get("commits", [source.UNRECORDED]) if args.resume else []
     uri, read_uri, experiment_id, parent_id, server = _start_tracking(spec, address, commit)
     if server is not None:
         layout.server.write_text(json.dumps(

@@ -66,6 +66,28 @@ def read_results(path: str | Path) -> list[dict]:
     return rows
 
 
+def overall_se(rows: Iterable[Mapping], draws: int = 1000, seed: int = 0) -> float:
+    """The bootstrap standard error of GenEval's overall score (``official.summarise``: the
+    unweighted mean of the task scores). Prompts are resampled with replacement within each task and
+    keep their images together, since a prompt's images share its difficulty; rows as ``summarise``
+    reads them (tag, correct, metadata)."""
+    import numpy as np
+
+    tasks: dict[str, dict[str, list[bool]]] = {}
+    for r in rows:
+        tasks.setdefault(r["tag"], {}).setdefault(r["metadata"], []).append(bool(r["correct"]))
+    if not tasks:
+        raise ValueError("no results to bootstrap")
+    rng = np.random.default_rng(seed)
+    overall = np.zeros(draws)
+    for prompts in tasks.values():
+        correct = np.array([sum(v) for v in prompts.values()], dtype=float)
+        images = np.array([len(v) for v in prompts.values()], dtype=float)
+        pick = rng.integers(0, len(correct), size=(draws, len(correct)))   # [draws, prompts]
+        overall += correct[pick].sum(1) / images[pick].sum(1)
+    return float((overall / len(tasks)).std(ddof=1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m evaluators.geneval.results results.jsonl``: GenEval's summary of a results file
     (ours or the official tool's)."""

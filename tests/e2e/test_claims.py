@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from orchestrator import claims, tracking
+from orchestrator import claims, source, tracking
 from orchestrator.claims_page import CLAIMS, NOT_REPRODUCED, REPRODUCED, TOO_FEW, WITHIN_NOISE
 from orchestrator.sweeping.layout import SweepLayout
 from tests.e2e.test_sweep import ray_session  # noqa: F401 (fixture)
@@ -41,6 +41,10 @@ def test_the_claims_command_renders_every_claim_with_its_seeds(tmp_path, ray_ses
             assert sorted(steps) == ([1] if trial in state["students"] else [1, 2]), (name, trial["key"])
         refs = json.loads((tmp_path / name / "teacher.json").read_text())["steps"]
         assert set(refs) == {"1", "16"}
+        # each reference carries its evaluation's SE, which the verdicts count (claims e, f: GenEval)
+        se = "eval/world_fid_se" if name == "claims_c2i" else "eval/geneval_world_se"
+        assert all(refs[k][se] >= 0 for k in refs), (name, refs)
+        assert f"run on `{source.commit()}`" in page
         uri = f"sqlite:///{tmp_path}/mlflow.db"
         parent = tracking.find_parent(uri, "softdimo", name)
         names = {a.path for a in tracking._client(uri).list_artifacts(parent.info.run_id, "claims")}

@@ -33,6 +33,7 @@ def test_geneval_world_on_a_text_to_image_checkpoint(t2i_checkpoint):
     tasks = [k for k in out if k.startswith("eval/geneval_world/")]
     assert len(tasks) == 6
     assert out["eval/geneval_world"] == pytest.approx(np.mean([out[k] for k in tasks]))
+    assert 0.0 <= out["eval/geneval_world_se"] < 0.5      # the bootstrap over its 12 prompts
 
 
 def test_inception_metrics_run_from_staged_files(c2i_checkpoint, tmp_path, monkeypatch):

@@ -92,7 +92,7 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
     import json
 
     from orchestrator import report
-    from orchestrator.claims_report import TEACHER_STEPS, gather
+    from orchestrator.claims_report import REFS_VERSION, TEACHER_STEPS, gather
     from orchestrator.config import UserError
     from orchestrator.sweeping.layout import SweepLayout
 
@@ -111,7 +111,7 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
             json.dumps({"step": s, "checkpoint": "x", "metrics": {"eval/world_fid": 10.0 * i + s}}) + "\n"
             for s in (4, 1, 2, 3)))                 # the second half's mean: steps 2, 3, 4 -> 10 i + 3
     key = {"evaluation": evaluation, "teacher": config["teacher"], "world": config["world"],
-           "steps": list(TEACHER_STEPS)}
+           "steps": list(TEACHER_STEPS), "version": REFS_VERSION}
     layout.teacher_refs.write_text(json.dumps({"key": key, "steps": {"1": {"eval/world_fid": 300.0},
                                                                       "16": {"eval/world_fid": 9.0}}}))
     data, sources, parents = gather([layout.root])
@@ -121,7 +121,7 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
     assert data.curves["c2i"]["soft_gan"]["eval/world_fid"] == {s: [10.0 + s, 20.0 + s] for s in (1, 2, 3, 4)}
     assert data.seeds["c2i"] == [0, 1] and data.teacher["c2i"][16]["eval/world_fid"] == 9.0
     assert "claims_c2i" in sources["c2i"] and parents == [(None, "claims_c2i")]
-    assert "trained on `abc`, then `def`" in sources["c2i"]
+    assert "run on `abc`, resumed on `def`" in sources["c2i"]
 
     # more seeds in a second folder of the same track: seeds and values add up, both are sources
     more = SweepLayout(tmp_path / "claims_c2i_more")
@@ -129,13 +129,13 @@ def test_the_report_reads_arms_seeds_and_cached_teacher_references_from_sweep_fo
     state = json.loads(more.state.read_text())
     for t in state["trials"] + state["students"]:
         t["config"]["seed"] += 2
-    del state["commits"]
+    state["commits"] = ["unrecorded", "ghi"]
     more.state.write_text(json.dumps({**state, "name": "claims_c2i_more"}))
     data, sources, _ = gather([layout.root, more.root])
     assert data.seeds["c2i"] == [0, 1, 2, 3]
     assert data.arms["c2i"]["soft_gan"]["eval/world_fid"] == [13.0, 23.0, 13.0, 23.0]
     assert "`claims_c2i`" in sources["c2i"] and "`claims_c2i_more`" in sources["c2i"]
-    assert "a commit the sweep did not record" in sources["c2i"]
+    assert "run on an unrecorded commit, resumed on `ghi`" in sources["c2i"]
     with pytest.raises(UserError, match="seed 0 of the c2i claims is also in an earlier folder"):
         gather([layout.root, more.root, layout.root])
     out = tmp_path / "page"

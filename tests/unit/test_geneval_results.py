@@ -1,6 +1,7 @@
 """GenEval results.jsonl in the official schema (djghosh13/geneval evaluate_images.py), read back
 both ways, grouped as its summary_scores.py groups them, ties ordered as its argsort orders them."""
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -82,3 +83,35 @@ def test_cli_summarises_a_results_file(tmp_path, capsys):
     assert main([str(path)]) == 0
     assert json.loads(capsys.readouterr().out) == summarise(read_results(path))
     assert main([str(tmp_path / "nope.jsonl")]) == 2
+
+
+def _rows(task_prompts: dict) -> list[dict]:
+    """results rows: {task: [[correct per image] per prompt]}."""
+    return [{"tag": task, "correct": c, "metadata": json.dumps({"task": task, "prompt": i})}
+            for task, prompts in task_prompts.items() for i, images in enumerate(prompts) for c in images]
+
+
+def test_overall_se_is_the_binomial_error_for_one_image_per_prompt_and_adds_over_tasks():
+    from evaluators.geneval.results import overall_se
+
+    one = {"colors": [[i % 4 == 0] for i in range(400)]}                 # p = 0.25, n = 400
+    binomial = math.sqrt(0.25 * 0.75 / 400)
+    assert overall_se(_rows(one), draws=4000) == pytest.approx(binomial, rel=0.08)
+    assert overall_se(_rows(one)) == overall_se(_rows(one))             # seeded
+    # overall = the mean of two independent tasks: SE = sqrt(se1² + se2²) / 2
+    two = {**one, "counting": [[i % 2 == 0] for i in range(400)]}
+    both = math.sqrt(binomial ** 2 + 0.25 / 400) / 2
+    assert overall_se(_rows(two), draws=4000) == pytest.approx(both, rel=0.08)
+    assert overall_se(_rows({"colors": [[True, True]] * 10})) == 0.0    # no spread, no error
+
+
+def test_overall_se_resamples_prompts_not_images():
+    """A prompt's images share its difficulty: 4 identical images per prompt carry one prompt's
+    information, so the SE is that of 100 prompts, not of 400 independent images."""
+    from evaluators.geneval.results import overall_se
+
+    prompts = [[i % 4 == 0] * 4 for i in range(100)]
+    assert overall_se(_rows({"colors": prompts}), draws=4000) == pytest.approx(
+        math.sqrt(0.25 * 0.75 / 100), rel=0.08)
+    with pytest.raises(ValueError, match="no results"):
+        overall_se([])
