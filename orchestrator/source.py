@@ -1,6 +1,7 @@
 """Which code ran: the checkout's git commit, recorded by every sweep (its state's ``commits``, the
-MLflow tag ``mlflow.source.git.commit`` of its parent run and of every trial's run) and printed on
-the claims page, so a result can be traced to the code that produced it.
+MLflow tag ``mlflow.source.git.commit`` of its parent run and of each trial's run it starts or
+resumes; a finished trial keeps the commit it ran on) and printed on the claims page, so a result
+can be traced to the code that produced it.
 """
 from __future__ import annotations
 
